@@ -1,0 +1,246 @@
+"""POST /notifications (ingest) and GET /notifications/<id> (status and per-recipient state)."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import Any
+
+import orjson
+from flask import Blueprint, Response, current_app, g, jsonify, request
+from sqlalchemy import func, select
+
+from app.auth import require_api_key
+from app.db import get_session
+from app.errors import ApiError
+from app.ids import uuid7
+from app.ingest import IdempotencyRequest, IngestUnavailable
+from app.schemas import notification_in, recipients_of
+from models import Delivery, Notification, NotificationStatus, Priority
+
+bp = Blueprint("notifications", __name__)
+
+DELIVERIES_PAGE_MAX = 1000
+
+
+def _json_body() -> Any:
+    if not request.is_json:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "Send the body as JSON with 'Content-Type: application/json'.",
+            {"Content-Type": [f"Expected application/json, got {request.mimetype or 'none'}."]},
+        )
+    raw = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(
+            400, "invalid_json", "The body is not valid JSON.", {"body": [str(exc)]}
+        ) from exc
+
+
+def _idempotency(body: Any) -> IdempotencyRequest | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255:
+        raise ApiError(
+            422,
+            "validation_error",
+            "Idempotency-Key must be 1 to 255 characters.",
+            {"Idempotency-Key": ["Must be 1 to 255 characters."]},
+        )
+    digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return IdempotencyRequest(client=g.client, key=key, request_hash=digest)
+
+
+def _check_backpressure() -> None:
+    cfg = current_app.config["NOTIFIER"]
+    try:
+        waiting = current_app.extensions["stream.backlog"].current()
+    except Exception:
+        # Redis unreachable: PostgreSQL still records the notification and the outbox
+        # sweeper streams it once Redis is back, so accepting loses nothing.
+        current_app.logger.warning("backlog unknown (Redis unreachable); accepting")
+        return
+    if waiting >= cfg.STREAM_BACKLOG_LIMIT:
+        raise ApiError(
+            503,
+            "backlog_full",
+            f"{waiting} notifications are waiting to be processed; retry later.",
+            headers={"Retry-After": str(cfg.RETRY_AFTER_SECONDS)},
+        )
+
+
+@bp.post("/notifications")
+@require_api_key
+def create_notification() -> tuple[Response, int] | Response:
+    body = _json_body()
+    data = notification_in.load(body) if isinstance(body, dict) else _not_an_object(body)
+    idem = _idempotency(body)
+    _check_backpressure()
+
+    notification_id = uuid7()
+    recipients = recipients_of(data)
+    row = {
+        "id": notification_id,
+        "status": NotificationStatus.QUEUED,
+        "recipients": recipients,
+        "title": data.get("title"),
+        "body": data.get("body"),
+        "template": data.get("template"),
+        "params": data.get("params"),
+        "data": data.get("data"),
+        "priority": Priority(data["priority"]),
+        "lang": data.get("lang"),
+        "category": data.get("category"),
+        "channels": list(dict.fromkeys(data["channels"])),
+        "send_at": data.get("send_at"),
+        "expires_at": data.get("expires_at"),
+        "api_key_name": g.client,
+    }
+    answer = {"id": str(notification_id), "status": "queued", "recipients": len(recipients)}
+    try:
+        outcome = current_app.extensions["ingest.writer"].submit(row, answer, idem)
+    except IngestUnavailable as exc:
+        raise ApiError(
+            503,
+            "unavailable",
+            "The notification could not be recorded; nothing was accepted. Retry later.",
+            headers={"Retry-After": str(current_app.config["NOTIFIER"].RETRY_AFTER_SECONDS)},
+        ) from exc
+    if outcome.kind == "conflict":
+        raise ApiError(
+            422,
+            "idempotency_conflict",
+            "This Idempotency-Key was already used with a different body.",
+            {"Idempotency-Key": [f"Already used for notification {outcome.response.get('id')}."]},
+        )
+    response = jsonify(outcome.response)
+    if outcome.kind == "replayed":
+        response.headers["Idempotent-Replayed"] = "true"
+    return response, 202
+
+
+def _not_an_object(body: Any) -> dict[str, Any]:
+    raise ApiError(
+        422,
+        "validation_error",
+        "The body must be a JSON object.",
+        {"_schema": [f"Expected an object, got {type(body).__name__}."]},
+    )
+
+
+@bp.get("/notifications/<notification_id>")
+@require_api_key
+def get_notification(notification_id: str) -> Response:
+    """The notification, its status, and a page of its recipients' delivery states."""
+    try:
+        nid = uuid.UUID(notification_id)
+    except ValueError:
+        raise ApiError(
+            404, "not_found", "No such notification.", {"id": ["Not a notification id."]}
+        ) from None
+    session = get_session()
+    n = session.get(Notification, nid)
+    if n is None:
+        raise ApiError(404, "not_found", "No such notification.", {"id": ["Unknown id."]})
+
+    offset = _int_arg("offset", 0, 0, len(n.recipients))
+    limit = _int_arg("limit", 100, 1, DELIVERIES_PAGE_MAX)
+    page = n.recipients[offset : offset + limit]
+    states: dict[tuple[str, str], Delivery] = {}
+    if page:
+        rows = session.scalars(
+            select(Delivery).where(Delivery.notification_id == nid, Delivery.user_id.in_(page))
+        )
+        states = {(d.user_id, d.channel): d for d in rows}
+    counts = dict(
+        session.execute(
+            select(Delivery.status, func.count())
+            .where(Delivery.notification_id == nid)
+            .group_by(Delivery.status)
+        ).all()
+    )
+    recorded = sum(counts.values())
+    summary = {str(status): count for status, count in counts.items()}
+    summary["queued"] = len(n.recipients) * len(n.channels) - recorded
+
+    deliveries = []
+    for user_id in page:
+        for channel in n.channels:
+            d = states.get((user_id, channel))
+            deliveries.append(
+                {
+                    "user_id": user_id,
+                    "channel": channel,
+                    "state": str(d.status) if d else "queued",
+                    "sent_at": _iso(d.sent_at) if d else None,
+                    "acked_at": _iso(d.acked_at) if d else None,
+                    "read_at": _iso(d.read_at) if d else None,
+                }
+            )
+    next_offset = offset + limit if offset + limit < len(n.recipients) else None
+    return jsonify(
+        {
+            "id": str(n.id),
+            "status": _status(n, summary, recorded),
+            "created_at": _iso(n.created_at),
+            "streamed": n.streamed_at is not None,
+            "recipients": len(n.recipients),
+            "title": n.title,
+            "body": n.body,
+            "template": n.template,
+            "params": n.params,
+            "data": n.data,
+            "priority": str(n.priority),
+            "lang": n.lang,
+            "category": n.category,
+            "channels": n.channels,
+            "send_at": _iso(n.send_at),
+            "expires_at": _iso(n.expires_at),
+            "delivery_summary": summary,
+            "deliveries": deliveries,
+            "next_offset": next_offset,
+        }
+    )
+
+
+def _status(n: Notification, summary: dict[str, int], recorded: int) -> str:
+    """The stored status, or one derived from the deliveries once the consumer made them.
+
+    The consumer does not write the notification row (that would contend with ingest's
+    own writes to fresh rows), so progress is read from the deliveries.
+    """
+    if n.status != NotificationStatus.QUEUED or recorded == 0:
+        return str(n.status)
+    if summary["queued"] > 0 or summary.get("pending", 0) > 0:
+        return NotificationStatus.DELIVERING.value
+    if summary.get("failed", 0) and not (summary.get("sent", 0) or summary.get("acked", 0)):
+        return NotificationStatus.FAILED.value
+    return NotificationStatus.DELIVERED.value
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(
+            422, "validation_error", f"'{name}' must be an integer.", {name: ["Not an integer."]}
+        ) from None
+    if not low <= value <= max(low, high):
+        raise ApiError(
+            422,
+            "validation_error",
+            f"'{name}' must be between {low} and {high}.",
+            {name: [f"Must be between {low} and {high}."]},
+        )
+    return value
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None

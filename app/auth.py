@@ -1,0 +1,152 @@
+"""API-key authentication for backend services.
+
+Keys are stored as SHA-256 digests; a presented key is hashed, looked up, and compared
+in constant time. Lookups are cached per process for API_KEY_CACHE_SECONDS so the hot
+ingest path does not query PostgreSQL on every request.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from flask import current_app, g, request
+from sqlalchemy import Engine, select
+
+from app.errors import ApiError
+from models import ApiKey
+
+ENV_CLIENT = "env"
+KEY_PREFIX = "nk_"
+_CACHE_MAX = 10_000
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class ApiKeyAuthenticator:
+    """Maps a presented key to its client name, or None."""
+
+    def __init__(self, engine: Engine, env_key: str, cache_seconds: float) -> None:
+        self._engine = engine
+        self._env_key = env_key
+        self._cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[str | None, float]] = {}
+        self._lock = threading.Lock()
+
+    def authenticate(self, presented: str) -> str | None:
+        if not presented:
+            return None
+        if self._env_key and hmac.compare_digest(presented.encode(), self._env_key.encode()):
+            return ENV_CLIENT
+        digest = hash_key(presented)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        client = self._lookup(digest)
+        if self._cache_seconds > 0:
+            with self._lock:
+                if len(self._cache) >= _CACHE_MAX:
+                    self._cache.clear()
+                self._cache[digest] = (client, now + self._cache_seconds)
+        return client
+
+    def _lookup(self, digest: str) -> str | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                select(ApiKey.name, ApiKey.key_hash).where(
+                    ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)
+                )
+            ).first()
+        if row is None or not hmac.compare_digest(row.key_hash, digest):
+            return None
+        return row.name
+
+
+def init_app(app: Any) -> None:
+    cfg = app.config["NOTIFIER"]
+    app.extensions["auth.api_keys"] = ApiKeyAuthenticator(
+        app.extensions["db.engine"], cfg.API_KEY, cfg.API_KEY_CACHE_SECONDS
+    )
+
+
+def authenticate_api_key() -> str | None:
+    """The client name for the request's x-api-key header, or None."""
+    presented = request.headers.get("x-api-key", "")
+    return current_app.extensions["auth.api_keys"].authenticate(presented)
+
+
+def require_api_key(view: F) -> F:
+    """Reject the request with 401 unless it carries a valid x-api-key."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _admit_api_key()
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _admit_api_key() -> None:
+    """Set g.client from the x-api-key header, or answer 401."""
+    client = authenticate_api_key()
+    if client is None:
+        missing = not request.headers.get("x-api-key")
+        raise ApiError(
+            401,
+            "unauthorized",
+            "Missing x-api-key header." if missing else "Invalid or revoked API key.",
+            {"x-api-key": ["Missing." if missing else "Invalid or revoked."]},
+        )
+    g.client = client
+
+
+def bearer_token() -> str | None:
+    """The token of an `Authorization: Bearer` header, if there is one."""
+    header = request.headers.get("Authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else None
+
+
+def require_user_or_api_key(view: F) -> F:
+    """Let through a valid x-api-key, or a user token whose `sub` is the `user_id` in the URL."""
+    from app.tokens import InvalidToken, verify
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if request.headers.get("x-api-key"):
+            _admit_api_key()
+            return view(*args, **kwargs)
+        try:
+            sub = verify(current_app.config["NOTIFIER"].JWT_SECRET, bearer_token())
+        except InvalidToken as exc:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "Send x-api-key or 'Authorization: Bearer <token>'.",
+                {"Authorization": [str(exc)]},
+            ) from exc
+        if sub != kwargs.get("user_id"):
+            raise ApiError(
+                403,
+                "forbidden",
+                "This token belongs to another user.",
+                {"user_id": ["Does not match the token's subject."]},
+            )
+        g.user_id = sub
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

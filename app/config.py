@@ -1,0 +1,134 @@
+"""Every setting the platform reads, each from one env var, typed and defaulted for development.
+
+The defaults let a newcomer run `make run` and curl the API at once; production sets
+`API_KEY`, `JWT_SECRET`, `DATABASE_URL` and `REDIS_URL` explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def _bool(raw: str) -> bool:
+    return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+_COERCE: dict[type, Callable[[str], Any]] = {str: str, int: int, float: float, bool: _bool}
+
+
+def setting(default: Any, doc: str) -> Any:
+    """Declare a setting: its default and what it is for (shown in the README table)."""
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class Config:
+    DATABASE_URL: str = setting(
+        "postgresql+psycopg2://postgres@127.0.0.1:5432/notifier", "PostgreSQL (SQLAlchemy URL)."
+    )
+    REDIS_URL: str = setting("redis://127.0.0.1:6379/0", "Redis: streams, pub/sub, presence.")
+    CELERY_BROKER_URL: str = setting("", "Celery broker; empty means REDIS_URL.")
+    API_KEY: str = setting("dev-api-key", "An API key accepted besides the hashed keys in the DB.")
+    JWT_SECRET: str = setting(
+        "dev-jwt-secret-change-me-in-production", "HS256 secret for user tokens (32+ bytes)."
+    )
+    PORT: int = setting(8000, "HTTP and WebSocket port of `make run`.")
+
+    STREAM_KEY: str = setting("notifications:stream", "Redis Stream every notification goes to.")
+    STREAM_GROUP: str = setting("notifier_group", "Consumer group reading the stream.")
+    STREAM_BACKLOG_LIMIT: int = setting(
+        100_000, "Unprocessed stream entries above which ingest answers 503."
+    )
+    BACKLOG_CHECK_SECONDS: float = setting(
+        0.2, "How long one process reuses a backlog reading before asking Redis again."
+    )
+    RETRY_AFTER_SECONDS: int = setting(2, "Retry-After sent with a backpressure 503.")
+
+    MAX_CONTENT_LENGTH: int = setting(2 * 1024 * 1024, "Largest accepted request body, bytes.")
+    MAX_RECIPIENTS: int = setting(10_000, "Most recipients in one notification.")
+    MAX_DATA_BYTES: int = setting(16 * 1024, "Largest `data` object, JSON-encoded bytes.")
+    IDEMPOTENCY_TTL_SECONDS: int = setting(24 * 3600, "How long an Idempotency-Key is remembered.")
+    API_KEY_CACHE_SECONDS: float = setting(
+        5.0, "How long a process trusts a looked-up API key; bounds how late a revocation bites."
+    )
+
+    INGEST_BATCH_MAX: int = setting(500, "Most notifications committed in one ingest transaction.")
+    OUTBOX_GRACE_SECONDS: float = setting(
+        15.0, "Age after which a recorded but unstreamed notification is streamed by the sweeper."
+    )
+    OUTBOX_SWEEP_SECONDS: float = setting(
+        5.0, "Beat interval of the unstreamed-notification sweeper."
+    )
+
+    STREAM_CONSUMERS: str = setting(
+        "consumer-1", "Comma-separated consumer names the watchdog keeps running."
+    )
+    STREAM_BATCH: int = setting(500, "Entries read per XREADGROUP.")
+    STREAM_BLOCK_MS: int = setting(
+        1000, "XREADGROUP BLOCK; kept below the Redis client's 5 s socket timeout."
+    )
+    STREAM_CLAIM_IDLE_MS: int = setting(
+        60_000, "Idle time after which another consumer's pending entry is claimed."
+    )
+    STREAM_CLAIM_EVERY_SECONDS: float = setting(
+        10.0, "How often a consumer looks for entries left pending by dead consumers."
+    )
+    STREAM_MAX_DELIVERIES: int = setting(
+        5, "Times an entry may be handed out before it goes to dead letters."
+    )
+    STREAM_RUN_SECONDS: float = setting(
+        300.0, "How long one consumer task runs before it resubmits itself."
+    )
+    STREAM_LEASE_SECONDS: float = setting(
+        15.0, "Lease a running consumer holds in Redis; the watchdog restarts it once expired."
+    )
+    STREAM_WATCHDOG_SECONDS: float = setting(5.0, "Beat interval of the consumer watchdog.")
+    STREAM_TRIM_SECONDS: float = setting(30.0, "Beat interval of the stream trimmer.")
+    DELIVERY_BATCH: int = setting(500, "Most deliveries handled by one delivery task.")
+    PRESENCE_TTL_SECONDS: float = setting(
+        30.0, "A socket's presence lapses this long after its gateway's last heartbeat."
+    )
+    PRESENCE_HEARTBEAT_SECONDS: float = setting(
+        10.0, "How often a gateway process renews the presence of its sockets."
+    )
+    WS_PING_SECONDS: float = setting(
+        25.0, "Interval of server WebSocket pings (keeps idle sockets alive through proxies)."
+    )
+    WS_MAX_MESSAGE_BYTES: int = setting(
+        64 * 1024, "Largest client frame; larger ones close the socket with 1009."
+    )
+    TOKEN_MAX_TTL_SECONDS: int = setting(
+        7 * 24 * 3600, "Longest lifetime POST /auth/token will mint."
+    )
+
+    LOG_LEVEL: str = setting("INFO", "Root log level.")
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> Config:
+        """Read every setting from `environ` (default os.environ), then apply `overrides`."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        overrides = overrides or {}
+        for f in fields(cls):
+            raw = overrides.get(f.name, environ.get(f.name))
+            if raw is not None:
+                values[f.name] = _COERCE[type(f.default)](raw) if isinstance(raw, str) else raw
+        return cls(**values)
+
+    @property
+    def broker_url(self) -> str:
+        return self.CELERY_BROKER_URL or self.REDIS_URL
+
+    @property
+    def consumer_names(self) -> list[str]:
+        return [n.strip() for n in self.STREAM_CONSUMERS.split(",") if n.strip()]
+
+    @classmethod
+    def documented(cls) -> list[tuple[str, Any, str]]:
+        """(name, default, doc) for every setting."""
+        return [(f.name, f.default, f.metadata["doc"]) for f in fields(cls)]

@@ -1,0 +1,291 @@
+"""Record-then-stream for accepted notifications, with group commit.
+
+Each request hands its validated notification to the process's IngestWriter and waits.
+One writer thread (a greenlet under gevent) takes everything that queued up while the
+previous batch was being written, inserts it in one transaction, commits, appends every
+entry to the Redis Stream in one pipeline, and only then wakes the requests: a 202 is
+never sent for a row that is not committed. A failed XADD leaves `streamed_at` NULL and
+the outbox sweeper (tasks/outbox.py) streams the row later.
+
+Batching is what makes the throughput: one commit per notification tops out near
+2,500/s on the target machine, while a few hundred rows per commit cost about the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import redis
+from sqlalchemy import Engine, insert, select, text, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from app.stream import entry_fields
+from models import IdempotencyKey, Notification
+from models.base import utcnow
+
+log = logging.getLogger(__name__)
+
+MARK_IDLE_SECONDS = 0.05
+_STOP = object()
+
+
+@dataclass(frozen=True)
+class IdempotencyRequest:
+    client: str
+    key: str
+    request_hash: str
+
+
+@dataclass
+class Outcome:
+    """What a submitted notification came to: accepted, replayed, or an idempotency conflict."""
+
+    kind: str  # "accepted" | "replayed" | "conflict"
+    response: dict[str, Any]
+
+
+@dataclass
+class _Pending:
+    row: dict[str, Any]
+    response: dict[str, Any]
+    idem: IdempotencyRequest | None
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: Outcome | None = None
+    error: BaseException | None = None
+
+
+class IngestUnavailable(Exception):
+    """The notification could not be recorded; nothing was accepted."""
+
+
+class IngestWriter:
+    """Batches notification inserts across concurrent requests of one process."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        client: redis.Redis,
+        stream_key: str,
+        batch_max: int,
+        idempotency_ttl: timedelta,
+    ) -> None:
+        self._engine = engine
+        self._redis = client
+        self._stream_key = stream_key
+        self._batch_max = batch_max
+        self._idempotency_ttl = idempotency_ttl
+        self._queue: queue.Queue[_Pending] = queue.Queue()
+        # Ids streamed but not yet marked: marked by the next batch's transaction, or on
+        # their own once the writer has been idle for MARK_IDLE_SECONDS.
+        self._unmarked: list[uuid.UUID] = []
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._start_lock = threading.Lock()
+
+    def submit(
+        self, row: dict[str, Any], response: dict[str, Any], idem: IdempotencyRequest | None
+    ) -> Outcome:
+        """Record `row` (and stream it), block until committed, and say what happened."""
+        self._ensure_thread()
+        pending = _Pending(row=row, response=response, idem=idem)
+        self._queue.put(pending)
+        pending.done.wait()
+        if pending.error is not None:
+            raise IngestUnavailable(str(pending.error)) from pending.error
+        assert pending.outcome is not None
+        return pending.outcome
+
+    def close(self) -> None:
+        """Flush pending marks and stop the writer (tests and orderly shutdowns)."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(_STOP)  # type: ignore[arg-type]
+            self._thread.join(timeout=5)
+        self._thread = None
+
+    def _ensure_thread(self) -> None:
+        # The writer must live in the serving process: gunicorn forks after import.
+        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+            return
+        with self._start_lock:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                batch = [self._queue.get(timeout=MARK_IDLE_SECONDS if self._unmarked else None)]
+            except queue.Empty:
+                self._mark_streamed()
+                continue
+            if batch[0] is _STOP:
+                if self._unmarked:
+                    self._mark_streamed()
+                return
+            while len(batch) < self._batch_max:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._write(batch)
+            except BaseException as exc:  # never let the writer die with requests waiting
+                log.exception("ingest batch failed")
+                for pending in batch:
+                    if not pending.done.is_set():
+                        pending.error = exc
+                        pending.done.set()
+
+    def _write(self, batch: list[_Pending]) -> None:
+        try:
+            fresh = self._commit(batch)
+        except Exception:
+            if len(batch) == 1:
+                raise
+            # One bad row must not fail the others it was batched with: retry alone.
+            log.warning("ingest batch of %d failed; retrying rows one by one", len(batch))
+            fresh = []
+            for pending in batch:
+                try:
+                    fresh.extend(self._commit([pending]))
+                except Exception as exc:
+                    log.exception("ingest row %s failed", pending.row["id"])
+                    pending.error = exc
+        self._unmarked.extend(self._stream(fresh))
+        for pending in batch:
+            pending.done.set()
+
+    def _commit(self, batch: list[_Pending]) -> list[_Pending]:
+        """Insert the batch in one transaction; returns the rows that were new."""
+        now = utcnow()
+        marking, self._unmarked = self._unmarked, []
+        try:
+            with self._engine.begin() as conn:
+                if marking:
+                    self._mark(conn, marking)
+                fresh = self._insert(conn, batch, now)
+        except Exception:
+            self._unmarked.extend(marking)
+            raise
+        for pending in fresh:
+            pending.row["created_at"] = now
+            pending.outcome = Outcome("accepted", pending.response)
+        return fresh
+
+    def _insert(self, conn: Any, batch: list[_Pending], now: datetime) -> list[_Pending]:
+        self._resolve_idempotency(conn, [p for p in batch if p.idem], now)
+        fresh = [p for p in batch if p.outcome is None]
+        if fresh:
+            conn.execute(insert(Notification), [{**p.row, "created_at": now} for p in fresh])
+        return fresh
+
+    def _resolve_idempotency(self, conn: Any, batch: list[_Pending], now: datetime) -> None:
+        """Claim each Idempotency-Key; a request whose key is taken replays or conflicts."""
+        if not batch:
+            return
+        first: dict[tuple[str, str], _Pending] = {}
+        for pending in batch:
+            assert pending.idem is not None
+            first.setdefault((pending.idem.client, pending.idem.key), pending)
+        claim = pg_insert(IdempotencyKey).values(
+            [
+                {
+                    "client": p.idem.client,
+                    "key": p.idem.key,
+                    "request_hash": p.idem.request_hash,
+                    "notification_id": p.row["id"],
+                    "response": p.response,
+                    "created_at": now,
+                }
+                for p in first.values()
+                if p.idem is not None
+            ]
+        )
+        # An expired key (older than the TTL) is taken over as if it were new.
+        claim = claim.on_conflict_do_update(
+            index_elements=[IdempotencyKey.client, IdempotencyKey.key],
+            set_={
+                "request_hash": claim.excluded.request_hash,
+                "notification_id": claim.excluded.notification_id,
+                "response": claim.excluded.response,
+                "created_at": claim.excluded.created_at,
+            },
+            where=IdempotencyKey.created_at < now - self._idempotency_ttl,
+        ).returning(IdempotencyKey.client, IdempotencyKey.key)
+        claimed = {(r.client, r.key) for r in conn.execute(claim)}
+
+        taken = [k for k in first if k not in claimed]
+        existing: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+        if taken:
+            rows = conn.execute(
+                select(
+                    IdempotencyKey.client,
+                    IdempotencyKey.key,
+                    IdempotencyKey.request_hash,
+                    IdempotencyKey.response,
+                ).where(tuple_(IdempotencyKey.client, IdempotencyKey.key).in_(taken))
+            )
+            existing = {(r.client, r.key): (r.request_hash, r.response) for r in rows}
+        for pending in batch:
+            assert pending.idem is not None
+            key = (pending.idem.client, pending.idem.key)
+            if key in claimed:
+                if first[key] is pending:
+                    continue  # the owner of the key: inserted as a fresh notification
+                owner = first[key]
+                stored = (owner.idem.request_hash, owner.response)  # type: ignore[union-attr]
+            else:
+                stored = existing.get(key, ("", {}))
+            if stored[0] == pending.idem.request_hash:
+                pending.outcome = Outcome("replayed", stored[1])
+            else:
+                pending.outcome = Outcome("conflict", stored[1])
+
+    def _stream(self, fresh: list[_Pending]) -> list[uuid.UUID]:
+        """XADD every fresh row in one pipeline; returns the ids that made it."""
+        if not fresh:
+            return []
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for pending in fresh:
+                pipe.xadd(self._stream_key, entry_fields(pending.row))
+            results = pipe.execute(raise_on_error=False)
+        except redis.RedisError:
+            log.warning(
+                "XADD of %d notifications failed; the outbox sweeper will retry", len(fresh)
+            )
+            return []
+        streamed = []
+        for pending, result in zip(fresh, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("XADD of %s failed: %s", pending.row["id"], result)
+            else:
+                streamed.append(pending.row["id"])
+        return streamed
+
+    @staticmethod
+    def _mark(conn: Any, ids: list[uuid.UUID]) -> None:
+        conn.execute(
+            update(Notification).where(Notification.id.in_(ids)).values(streamed_at=utcnow())
+        )
+
+    def _mark_streamed(self) -> None:
+        """Mark streamed rows on their own (the writer is idle, nothing to piggyback on)."""
+        ids, self._unmarked = self._unmarked, []
+        try:
+            with self._engine.begin() as conn:
+                # A lost mark only means the sweeper streams the row again, which the
+                # consumer ignores: no need to wait for the WAL flush.
+                conn.execute(text("SET LOCAL synchronous_commit = off"))
+                self._mark(conn, ids)
+        except Exception:
+            log.exception("could not mark %d notifications streamed; will retry", len(ids))
+            self._unmarked.extend(ids)

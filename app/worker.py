@@ -1,0 +1,41 @@
+"""Celery wired to the Flask app: every task runs inside an app context."""
+
+from __future__ import annotations
+
+from celery import Celery, Task
+from flask import Flask
+
+
+def init_app(app: Flask) -> Celery:
+    cfg = app.config["NOTIFIER"]
+
+    class FlaskTask(Task):
+        def __call__(self, *args: object, **kwargs: object) -> object:
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery_app = Celery(app.name, task_cls=FlaskTask)
+    celery_app.config_from_object("celeryconfig")
+    celery_app.conf.broker_url = cfg.broker_url
+    celery_app.conf.beat_schedule = {
+        "stream-unstreamed-notifications": {
+            "task": "tasks.outbox.sweep_unstreamed",
+            "schedule": cfg.OUTBOX_SWEEP_SECONDS,
+        },
+        "stream-consumer-watchdog": {
+            "task": "tasks.stream.watchdog",
+            "schedule": cfg.STREAM_WATCHDOG_SECONDS,
+        },
+        "trim-stream": {
+            "task": "tasks.stream.trim",
+            "schedule": cfg.STREAM_TRIM_SECONDS,
+        },
+        "purge-expired-idempotency-keys": {
+            "task": "tasks.outbox.purge_idempotency_keys",
+            "schedule": 3600.0,
+        },
+    }
+    celery_app.conf.imports = ("tasks.outbox", "tasks.stream", "tasks.delivery")
+    celery_app.set_default()
+    app.extensions["celery"] = celery_app
+    return celery_app

@@ -1,0 +1,56 @@
+"""One recipient's copy of a notification on one channel.
+
+The delivery id doubles as the `seq` a client sees: it increases with every delivery, so
+it increases per user too, and clients can order by it and resume after it.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+
+from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint, text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, utcnow, value_enum
+
+
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    ACKED = "acked"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    EXPIRED = "expired"
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    notification_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("notifications.id", ondelete="CASCADE")
+    )
+    user_id: Mapped[str] = mapped_column(String(255))
+    channel: Mapped[str] = mapped_column(String(20))
+    status: Mapped[DeliveryStatus] = mapped_column(
+        value_enum(DeliveryStatus, "delivery_status"), default=DeliveryStatus.PENDING
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=text("now()"))
+    sent_at: Mapped[datetime | None]
+    acked_at: Mapped[datetime | None]
+    read_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        # A replayed stream entry must not create a second copy.
+        UniqueConstraint("notification_id", "user_id", "channel"),
+        # The inbox and the offline queue read one user's deliveries in id (= seq) order.
+        Index("ix_deliveries_user_inbox", "user_id", "channel", "id"),
+        Index(
+            "ix_deliveries_user_unacked",
+            "user_id",
+            "id",
+            postgresql_where=text("acked_at IS NULL AND channel = 'websocket'"),
+        ),
+    )

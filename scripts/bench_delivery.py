@@ -1,0 +1,318 @@
+"""Delivery benchmarks: starts its own platform (a `notifier_bench` database and Redis DB 1),
+drives it with the k6 scripts and prints the figures next to their targets.
+
+    make bench-delivery                       # every scenario
+    python scripts/bench_delivery.py latency fanout --json var/bench.json
+
+Scenarios: latency (POST-to-socket at 500/s), throughput (2,000/s sustained, single
+recipients and 10-recipient batches), idle (10,000 idle sockets on one gateway process),
+fanout (one notification to 10,000 connected users), priority (high-priority latency
+behind 20,000 queued low-priority deliveries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import create_engine, text
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app.db import upgrade  # noqa: E402
+
+BIN = Path(sys.executable).parent
+PG_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+BENCH_DB = "postgresql+psycopg2://postgres@127.0.0.1:5432/notifier_bench"
+BENCH_REDIS = "redis://127.0.0.1:6379/1"
+PORT = 8100
+API_KEY = "bench-api-key"
+# The delivery worker's pool, as in the Procfile; BENCH_WORKER_POOL="-c 2" tries prefork.
+WORKER_POOL = os.environ.get("BENCH_WORKER_POOL", "-P threads -c 4").split()
+
+
+class Platform:
+    """The processes `make run` starts (Flower left out), on the bench database."""
+
+    def __init__(self, web_workers: int = 2, api_only: bool = False, **settings: str) -> None:
+        self.api_only = api_only
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": BENCH_DB,
+            "REDIS_URL": BENCH_REDIS,
+            "API_KEY": API_KEY,
+            "PORT": str(PORT),
+            "BIND_HOST": "127.0.0.1",
+            "WEB_CONCURRENCY": str(web_workers),
+            "STREAM_WATCHDOG_SECONDS": "1",
+            "STREAM_BACKLOG_LIMIT": "10000000",
+            "LOG_LEVEL": "WARNING",
+            **settings,
+        }
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs = Path(tempfile.mkdtemp(prefix="notifier-bench-"))
+
+    def _start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]], cwd=ROOT, env=self.env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> Platform:
+        engine = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(text("DROP DATABASE IF EXISTS notifier_bench WITH (FORCE)"))
+        engine.dispose()
+        upgrade(BENCH_DB)
+        r = redis.Redis.from_url(BENCH_REDIS)
+        r.flushdb()
+        self.web = self._start("web", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app")
+        if self.api_only:
+            self._wait_ready(r, consumer=False)
+            return self
+        self._start("consumer", "celery", "-A", "wsgi.celery_app", "worker", "-Q", "stream",
+                    "-P", "solo", "-n", "consumer@%h", "--without-gossip", "--without-mingle",
+                    "-l", "WARNING")  # fmt: skip
+        self._start("worker", "celery", "-A", "wsgi.celery_app", "worker", "-Q",
+                    "high,default,low", *WORKER_POOL, "-n", "worker@%h", "--without-gossip",
+                    "--without-mingle", "-l", "WARNING")  # fmt: skip
+        self._start("beat", "celery", "-A", "wsgi.celery_app", "beat", "-s",
+                    str(self.logs / "beat-schedule"), "-l", "WARNING")  # fmt: skip
+        self._wait_ready(r, consumer=True)
+        return self
+
+    def _wait_ready(self, r: redis.Redis, consumer: bool) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{PORT}/readyz", timeout=2).read()
+                if not consumer or r.keys("notifications:consumer-lease:*"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise SystemExit(f"platform did not start; logs in {self.logs}")
+        r.close()
+        time.sleep(2)
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def web_worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.web.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def k6(script: str, **env: Any) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = Path(tmp) / "summary.json"
+        cmd = [str(BIN / "k6"), "run", "--quiet", "--summary-export", str(summary)]
+        for key, value in {"BASE_URL": f"http://127.0.0.1:{PORT}", "API_KEY": API_KEY,
+                           **env}.items():  # fmt: skip
+            cmd += ["-e", f"{key}={value}"]
+        cmd.append(str(ROOT / "scripts" / "k6" / script))
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if not summary.exists():
+            raise SystemExit(f"k6 failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        data = json.loads(summary.read_text())
+        data["passed"] = proc.returncode == 0
+        return data
+
+
+def metric(summary: dict[str, Any], name: str, stat: str) -> float:
+    return float(summary["metrics"].get(name, {}).get(stat, 0.0))
+
+
+class BacklogSampler:
+    """Samples the stream's unprocessed entries and the delivery queues once a second."""
+
+    def __init__(self) -> None:
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        r = redis.Redis.from_url(BENCH_REDIS, decode_responses=True)
+        from app.stream import backlog
+
+        while not self._stop.wait(1.0):
+            queued = sum(r.llen(q) for q in ("high", "default", "low"))
+            self.samples.append(backlog(r, "notifications:stream", "notifier_group") + queued)
+
+    def __enter__(self) -> BacklogSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def scenario_latency() -> list[dict[str, Any]]:
+    with Platform():
+        s = k6("delivery.js", RATE=500, DURATION="30s", USERS=200)
+    return [{
+        "scenario": "POST-to-socket latency at 500 notifications/s (200 sockets)",
+        "figure": f"p50 {metric(s, 'post_to_socket_ms', 'p(50)'):.0f} ms, "
+                  f"p99 {metric(s, 'post_to_socket_ms', 'p(99)'):.0f} ms",
+        "target": "p50 < 10 ms, p99 < 50 ms",
+        "met": metric(s, "notifications_received", "count")
+        >= metric(s, "notifications_posted", "count") > 0
+        and metric(s, "post_to_socket_ms", "p(50)") < 10
+        and metric(s, "post_to_socket_ms", "p(99)") < 50,
+        "detail": {"posted": metric(s, "notifications_posted", "count"),
+                   "received": metric(s, "notifications_received", "count"),
+                   "http_p50_ms": metric(s, "http_req_duration", "p(50)")},
+    }]  # fmt: skip
+
+
+def scenario_throughput() -> list[dict[str, Any]]:
+    results = []
+    for per_post, rate in ((1, 2000), (10, 200)):
+        with Platform(), BacklogSampler() as sampler:
+            s = k6("delivery.js", RATE=rate, DURATION="30s", USERS=500,
+                   RECIPIENTS_PER_POST=per_post, DRAIN_S=15)  # fmt: skip
+        received = metric(s, "notifications_received", "count")
+        posted = metric(s, "notifications_posted", "count")
+        window = 30 + 15
+        tail = sampler.samples[-5:] or [0]
+        results.append({
+            "scenario": f"sustained delivery to online users, {per_post} recipient(s) per POST "
+                        f"at {rate} POST/s offered",
+            "figure": f"{posted / 30:.0f}/s accepted, {received / 30:.0f}/s delivered "
+                      f"({received:.0f} of {posted:.0f}); "
+                      f"backlog max {max(sampler.samples or [0])}, end {tail[-1]}",
+            "target": ">= 2,000 notifications/s delivered, no growing backlog",
+            "met": received >= 2000 * 30 * 0.98 and received >= posted * 0.999 and tail[-1] == 0,
+            "detail": {"p50_ms": metric(s, "post_to_socket_ms", "p(50)"),
+                       "p99_ms": metric(s, "post_to_socket_ms", "p(99)"),
+                       "window_s": window},
+        })  # fmt: skip
+    return results
+
+
+def scenario_idle() -> list[dict[str, Any]]:
+    users = 10_000
+    with Platform(web_workers=1) as platform:
+        [worker] = platform.web_worker_pids()
+        before = rss_kb(worker)
+        holder = threading.Thread(
+            target=lambda: holder_result.append(
+                k6("notification-fanout.js", USERS=users, SEND=0, CONNECT_S=25, WAIT_S=15)
+            )
+        )
+        holder_result: list[dict[str, Any]] = []
+        holder.start()
+        time.sleep(25 + 8)
+        during = rss_kb(worker)
+        holder.join()
+    s = holder_result[0]
+    connected = metric(s, "sockets_connected", "count")
+    per_socket = (during - before) * 1024 / max(connected, 1)
+    return [{
+        "scenario": f"{users:,} idle sockets on one gateway process",
+        "figure": f"{connected:.0f} connected; RSS {before / 1024:.0f} MiB -> "
+                  f"{during / 1024:.0f} MiB, {per_socket / 1024:.1f} KiB per socket",
+        "target": "10,000 sockets at <= 50 KB each",
+        "met": connected >= users and per_socket <= 50_000,
+    }]  # fmt: skip
+
+
+def scenario_fanout() -> list[dict[str, Any]]:
+    users = 10_000
+    with Platform():
+        s = k6("notification-fanout.js", USERS=users, CONNECT_S=30, WAIT_S=15)
+    received = metric(s, "fanout_received", "count")
+    worst = metric(s, "fanout_receipt_ms", "max")
+    return [{
+        "scenario": f"one notification to {users:,} connected users",
+        "figure": f"{received:.0f} received; p50 {metric(s, 'fanout_receipt_ms', 'p(50)'):.0f} ms, "
+                  f"last {worst:.0f} ms after the POST",
+        "target": "all received within 1 s",
+        "met": received >= users and worst < 1000,
+    }]  # fmt: skip
+
+
+def scenario_priority() -> list[dict[str, Any]]:
+    with Platform():
+        s = k6("delivery.js", RATE=20, DURATION="20s", USERS=200, LOW_BACKLOG=20000,
+               WARMUP_S=8, DRAIN_S=20)  # fmt: skip
+    p99 = metric(s, "post_to_socket_ms", "p(99)")
+    posted, received = (
+        metric(s, "notifications_posted", "count"),
+        metric(s, "notifications_received", "count"),
+    )
+    return [{
+        "scenario": "high priority (20/s) behind 20,000 queued low-priority deliveries",
+        "figure": f"{received:.0f} of {posted:.0f} high received; "
+                  f"high p50 {metric(s, 'post_to_socket_ms', 'p(50)'):.0f} ms, p99 {p99:.0f} ms; "
+                  f"low p50 {metric(s, 'low_post_to_socket_ms', 'p(50)'):.0f} ms",
+        "target": "high p99 < 250 ms",
+        "met": posted > 0 and received >= posted and p99 < 250,
+    }]  # fmt: skip
+
+
+SCENARIOS = {
+    "latency": scenario_latency,
+    "throughput": scenario_throughput,
+    "idle": scenario_idle,
+    "fanout": scenario_fanout,
+    "priority": scenario_priority,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
+    parser.add_argument("scenarios", nargs="*", help=f"any of {', '.join(SCENARIOS)} (default all)")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    args = parser.parse_args()
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    results = []
+    for name in args.scenarios or list(SCENARIOS):
+        print(f"== {name}", flush=True)
+        for row in SCENARIOS[name]():
+            results.append({"name": name, **row})
+            print(f"  {row['scenario']}\n    {row['figure']}\n    target: {row['target']} -> "
+                  f"{'met' if row['met'] else 'MISSED'}", flush=True)  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+// POST-to-socket delivery: USERS sockets listen while notifications are posted to them at RATE/s.
+// Each notification carries its send time in data.t; receivers record now - t.
+//   k6 run -e RATE=500 -e DURATION=20s -e USERS=200 scripts/k6/delivery.js
+// LOW_BACKLOG=N first posts N low-priority deliveries (as user_ids batches to the same users)
+// and then measures only high-priority notifications: the priority-lane benchmark.
+import http from 'k6/http';
+import ws from 'k6/ws';
+import exec from 'k6/execution';
+import { check, sleep } from 'k6';
+import { Counter, Trend } from 'k6/metrics';
+
+const BASE = __ENV.BASE_URL || 'http://127.0.0.1:8000';
+const WS_BASE = BASE.replace(/^http/, 'ws');
+const API_KEY = __ENV.API_KEY || 'dev-api-key';
+const USERS = parseInt(__ENV.USERS || '200', 10);
+const RATE = parseInt(__ENV.RATE || '500', 10);
+const DURATION = __ENV.DURATION || '20s';
+const WARMUP_S = parseInt(__ENV.WARMUP_S || '8', 10);
+const DRAIN_S = parseInt(__ENV.DRAIN_S || '10', 10);
+const LOW_BACKLOG = parseInt(__ENV.LOW_BACKLOG || '0', 10);
+const PRIORITY = LOW_BACKLOG > 0 ? 'high' : (__ENV.PRIORITY || 'normal');
+// RECIPIENTS_PER_POST > 1 sends each notification to that many of the users via user_ids.
+const PER_POST = parseInt(__ENV.RECIPIENTS_PER_POST || '1', 10);
+
+const latency = new Trend('post_to_socket_ms', true);
+const lowLatency = new Trend('low_post_to_socket_ms', true);
+const received = new Counter('notifications_received');
+const posted = new Counter('notifications_posted');
+const connected = new Counter('sockets_connected');
+
+const durationS = parseInt(DURATION, 10);
+const holdMs = (WARMUP_S + durationS + DRAIN_S) * 1000;
+
+export const options = {
+  scenarios: {
+    sockets: { executor: 'per-vu-iterations', vus: USERS, iterations: 1, exec: 'listen',
+               maxDuration: `${WARMUP_S + durationS + DRAIN_S + 30}s` },
+    senders: { executor: 'constant-arrival-rate', rate: RATE, timeUnit: '1s', duration: DURATION,
+               preAllocatedVUs: 64, maxVUs: 400, startTime: `${WARMUP_S}s`, exec: 'send' },
+    ...(LOW_BACKLOG > 0 ? { backlog: { executor: 'shared-iterations', vus: 4,
+        iterations: Math.ceil(LOW_BACKLOG / USERS), startTime: `${WARMUP_S - 3}s`,
+        maxDuration: '60s', exec: 'backlog' } } : {}),
+  },
+  summaryTrendStats: ['avg', 'p(50)', 'p(90)', 'p(99)', 'max'],
+  thresholds: {
+    'checks': ['rate==1'],
+  },
+};
+
+const headers = { 'content-type': 'application/json', 'x-api-key': API_KEY };
+const userName = (run, i) => `bench-${run}-${i}`;
+
+// One run id for every VU: init code runs once per VU, so a Date.now() there would differ.
+export function setup() {
+  return { run: __ENV.RUN_ID || `${Date.now()}` };
+}
+
+export function listen(data) {
+  const me = userName(data.run, exec.scenario.iterationInTest);
+  const toAck = [];
+  const res = ws.connect(`${WS_BASE}/ws/${me}`, { headers: { 'x-api-key': API_KEY } }, (socket) => {
+    socket.on('open', () => connected.add(1));
+    socket.on('message', (raw) => {
+      const f = JSON.parse(raw);
+      if (f.type !== 'notification' || !f.data || !f.data.t) return;
+      const ms = Date.now() - f.data.t;
+      if (f.priority === 'low') lowLatency.add(ms); else latency.add(ms);
+      if (f.priority !== 'low') received.add(1);
+      toAck.push(f.id);
+    });
+    // Clients ack in batches, as a real one would after rendering.
+    socket.setInterval(() => {
+      if (toAck.length) socket.send(JSON.stringify({ type: 'ack', ids: toAck.splice(0, 1000) }));
+    }, 1000);
+    socket.setTimeout(() => socket.close(), holdMs);
+  });
+  check(res, { 'socket opened (101)': (r) => r && r.status === 101 });
+}
+
+export function send(data) {
+  const first = Math.floor(Math.random() * USERS);
+  const target = PER_POST > 1
+    ? { user_ids: Array.from({ length: PER_POST }, (_, i) => userName(data.run, (first + i) % USERS)) }
+    : { user_id: userName(data.run, first) };
+  const body = JSON.stringify({ ...target, title: 'bench', body: 'latency', priority: PRIORITY,
+                                data: { t: Date.now() } });
+  const r = http.post(`${BASE}/notifications`, body, { headers });
+  if (check(r, { 'accepted (202)': (x) => x.status === 202 })) posted.add(PER_POST);
+}
+
+export function backlog(data) {
+  const ids = [];
+  for (let i = 0; i < USERS; i++) ids.push(userName(data.run, i));
+  const body = JSON.stringify({ user_ids: ids, title: 'bench', body: 'backlog', priority: 'low',
+                                data: { t: Date.now() } });
+  const r = http.post(`${BASE}/notifications`, body, { headers });
+  check(r, { 'accepted (202)': (x) => x.status === 202 });
+}

@@ -1,0 +1,90 @@
+"""Delivery tasks: push recorded deliveries to the gateway nodes that hold the users' sockets.
+
+A task takes a batch of delivery ids. Users with a live presence get the notification
+through their nodes' Pub/Sub channels (one message per notification and node, however many
+users it carries); the others are left pending, which is what the offline queue is:
+their gateway replays it when they connect.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis
+from celery import shared_task
+from flask import current_app
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import OperationalError
+
+from app import inbox, presence
+from models import Delivery, DeliveryStatus, Notification
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WebsocketResult:
+    sent: int
+    offline: int
+
+
+def deliver_websocket_batch(
+    engine: Engine, client: redis.Redis, delivery_ids: list[int], presence_ttl: float
+) -> WebsocketResult:
+    """Publish the pending deliveries among `delivery_ids` to their users' nodes."""
+    # Autocommit: a lone SELECT needs no BEGIN/ROLLBACK round trips.
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        rows = conn.execute(
+            select(Delivery.user_id, *inbox.MESSAGE_COLUMNS)
+            .join(Notification, Notification.id == Delivery.notification_id)
+            .where(Delivery.id.in_(delivery_ids), Delivery.status == DeliveryStatus.PENDING)
+        ).all()
+    if not rows:
+        return WebsocketResult(0, 0)
+
+    online = presence.nodes_for(client, sorted({r.user_id for r in rows}), presence_ttl)
+    base: dict[Any, dict[str, Any]] = {}
+    targets: dict[tuple[Any, str], list[Any]] = defaultdict(list)
+    for row in rows:
+        for node_id in online.get(row.user_id, ()):
+            if row.notification_id not in base:
+                message = inbox.message(row)
+                del message["seq"]
+                base[row.notification_id] = message
+            targets[(row.notification_id, node_id)].append(row)
+
+    pipe = client.pipeline(transaction=False)
+    keys = list(targets)
+    for nid, node_id in keys:
+        envelope = {
+            "t": "deliver",
+            "n": base[nid],
+            "to": [[r.user_id, r.id] for r in targets[(nid, node_id)]],
+        }
+        pipe.publish(presence.node_channel(node_id), orjson.dumps(envelope))
+    receivers = pipe.execute() if keys else []
+    # A node that vanished since its last heartbeat has no subscriber: leave those pending.
+    sent = sorted({r.id for key, n in zip(keys, receivers, strict=True) if n for r in targets[key]})
+    if sent:
+        inbox.mark_sent(engine, sent)
+    return WebsocketResult(sent=len(sent), offline=len(rows) - len(sent))
+
+
+@shared_task(name="tasks.delivery.deliver_websocket", bind=True, ignore_result=True, max_retries=8)
+def deliver_websocket(self: Any, delivery_ids: list[int]) -> dict[str, int]:
+    cfg = current_app.config["NOTIFIER"]
+    try:
+        result = deliver_websocket_batch(
+            current_app.extensions["db.engine"],
+            current_app.extensions["redis"],
+            delivery_ids,
+            cfg.PRESENCE_TTL_SECONDS,
+        )
+    except (redis.RedisError, OperationalError) as exc:
+        # Nothing is lost meanwhile: the deliveries stay pending in the offline queue.
+        raise self.retry(exc=exc, countdown=min(2**self.request.retries, 30)) from exc
+    return {"sent": result.sent, "offline": result.offline}

@@ -1,0 +1,469 @@
+"""The stream consumer: reads `notifications:stream` by consumer group and fans out deliveries.
+
+For each batch of entries it expands recipients, records the deliveries in PostgreSQL in
+one transaction, enqueues delivery tasks per priority lane, and only then XACKs. Entries
+left pending by a consumer that died are claimed with XAUTOCLAIM once idle longer than
+STREAM_CLAIM_IDLE_MS; an entry handed out more than STREAM_MAX_DELIVERIES times goes to
+the dead-letter table instead of looping.
+
+`consume_stream` runs for STREAM_RUN_SECONDS and resubmits itself. It holds a lease in
+Redis for its consumer name, so two tasks never consume under one name; the beat
+`watchdog` starts a consumer whose lease has lapsed (its task died). The beat `trim`
+task trims the stream below the oldest entry any group still needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+import redis
+from celery import shared_task
+from flask import current_app
+from sqlalchemy import Engine, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from app.config import Config
+from models import Channel, DeadLetter, Delivery, DeliveryStatus, Notification, NotificationStatus
+from models.base import utcnow
+
+log = logging.getLogger(__name__)
+
+LEASE_PREFIX = "notifications:consumer-lease:"
+
+# Renew the lease only if we still hold it; a lapsed lease may belong to a successor.
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+# Take the lease when it is free, or when it was reserved for us by the watchdog/predecessor.
+_ACQUIRE = """
+local held = redis.call('get', KEYS[1])
+if held == false or held == ARGV[1] then
+  redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+# A delivery task message: (lane, delivery ids).
+Enqueue = Callable[[str, list[int]], None]
+
+
+def lease_key(consumer: str) -> str:
+    return LEASE_PREFIX + consumer
+
+
+def lane_of(priority: str) -> str:
+    """The Celery queue a priority's deliveries go to."""
+    return {"high": "high", "low": "low"}.get(priority, "default")
+
+
+def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
+    """Create the consumer group from the stream's start (nothing already there is skipped)."""
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+@dataclass
+class _Entry:
+    entry_id: str
+    fields: dict[str, str]
+    payload: dict[str, Any] | None
+    error: str | None
+
+
+def _decode(entry_id: str, fields: dict[str, str]) -> _Entry:
+    try:
+        payload = orjson.loads(fields["payload"])
+        uuid.UUID(payload["id"])
+        if not isinstance(payload.get("recipients"), list):
+            raise ValueError("recipients must be a list")
+        return _Entry(entry_id, fields, payload, None)
+    except Exception as exc:
+        return _Entry(entry_id, fields, None, f"undecodable stream entry: {exc!r}"[:500])
+
+
+def _expired(payload: dict[str, Any], now: datetime) -> bool:
+    expires_at = payload.get("expires_at")
+    return bool(expires_at) and datetime.fromisoformat(expires_at) <= now
+
+
+def process_entries(
+    engine: Engine,
+    entries: list[tuple[str, dict[str, str]]],
+    enqueue: Enqueue,
+    delivery_batch: int,
+    dead: dict[str, str] | None = None,
+    replay: bool = True,
+) -> list[str]:
+    """Record deliveries for `entries` and enqueue them; returns the entry ids safe to XACK.
+
+    `dead` maps entry ids to an error: those go to the dead-letter table instead.
+    Re-processing an entry creates no second delivery; with `replay` (entries that may
+    have been handled before, e.g. claimed from a dead consumer) the deliveries that are
+    still pending are enqueued again, since their first task may have been lost.
+    """
+    dead = dict(dead or {})
+    decoded = [_decode(eid, fields) for eid, fields in entries]
+    now = utcnow()
+    rows: list[tuple[uuid.UUID, str]] = []
+    priority_of: dict[uuid.UUID, str] = {}
+    expired_ids: list[uuid.UUID] = []
+    for e in decoded:
+        if e.entry_id in dead or e.payload is None:
+            dead.setdefault(e.entry_id, e.error or "")
+            continue
+        nid = uuid.UUID(e.payload["id"])
+        if Channel.WEBSOCKET.value not in e.payload.get("channels", ["websocket"]):
+            continue  # other channels are delivered by their own workers
+        if _expired(e.payload, now):
+            expired_ids.append(nid)
+            continue
+        priority_of[nid] = str(e.payload.get("priority", "normal"))
+        for user_id in e.payload["recipients"]:
+            rows.append((nid, user_id))
+
+    to_send: list[tuple[int, uuid.UUID]] = []
+    with engine.begin() as conn:
+        if rows:
+            # One statement over two arrays: a 10,000-recipient fan-out is one round trip
+            # and no per-row parameter handling.
+            inserted = conn.execute(
+                text(
+                    "INSERT INTO deliveries (notification_id, user_id, channel, status) "
+                    "SELECT n, u, 'websocket', 'pending' "
+                    "FROM unnest(CAST(:nids AS uuid[]), CAST(:users AS text[])) AS r(n, u) "
+                    "ON CONFLICT (notification_id, user_id, channel) DO NOTHING "
+                    "RETURNING id, notification_id"
+                ),
+                {"nids": [str(n) for n, _ in rows], "users": [u for _, u in rows]},
+            )
+            to_send.extend((r.id, r.notification_id) for r in inserted)
+            if replay:
+                fresh = {delivery_id for delivery_id, _ in to_send}
+                to_send.extend(
+                    tuple(row)
+                    for row in conn.execute(
+                        select(Delivery.id, Delivery.notification_id).where(
+                            Delivery.notification_id.in_(list(priority_of)),
+                            Delivery.channel == Channel.WEBSOCKET.value,
+                            Delivery.status == DeliveryStatus.PENDING,
+                        )
+                    )
+                    if row[0] not in fresh
+                )
+        if expired_ids:
+            conn.execute(
+                update(Notification)
+                .where(Notification.id.in_(expired_ids))
+                .values(status=NotificationStatus.EXPIRED)
+            )
+        if dead:
+            by_id = {e.entry_id: e for e in decoded}
+            conn.execute(
+                pg_insert(DeadLetter),
+                [
+                    {
+                        "source": "stream",
+                        "stream_entry_id": eid,
+                        "notification_id": _maybe_uuid(by_id[eid].fields.get("id")),
+                        "payload": by_id[eid].payload or {"fields": by_id[eid].fields},
+                        "error": error,
+                        "attempts": 0,
+                    }
+                    for eid, error in dead.items()
+                    if eid in by_id
+                ],
+            )
+
+    # Enqueue only after the commit that makes the deliveries visible to the workers.
+    lanes: dict[str, list[int]] = defaultdict(list)
+    for delivery_id, nid in sorted(to_send):
+        lanes[lane_of(priority_of[nid])].append(delivery_id)
+    for lane in ("high", "default", "low"):
+        ids = lanes.get(lane, [])
+        for i in range(0, len(ids), delivery_batch):
+            enqueue(lane, ids[i : i + delivery_batch])
+    return [eid for eid, _ in entries]
+
+
+def _maybe_uuid(value: str | None) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value) if value else None
+    except ValueError:
+        return None
+
+
+class StreamConsumer:
+    """One named member of the consumer group, run for a bounded time."""
+
+    def __init__(
+        self, cfg: Config, engine: Engine, client: redis.Redis, name: str, enqueue: Enqueue
+    ) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.redis = client
+        self.name = name
+        self.enqueue = enqueue
+        self.token = secrets.token_hex(8)
+        self._renew = client.register_script(_RENEW)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
+        self._lease_ms = int(cfg.STREAM_LEASE_SECONDS * 1000)
+
+    def acquire(self, reserved_token: str | None) -> bool:
+        """Take this consumer name's lease; False if another live task holds it."""
+        return bool(
+            self._acquire(
+                keys=[lease_key(self.name)],
+                args=[reserved_token or "", self.token, self._lease_ms],
+            )
+        )
+
+    def renew(self) -> bool:
+        return bool(self._renew(keys=[lease_key(self.name)], args=[self.token, self._lease_ms]))
+
+    def hand_over(self) -> str:
+        """Reserve the lease for a successor task; returns the token it must present."""
+        successor = secrets.token_hex(8)
+        self.redis.set(lease_key(self.name), successor, px=self._lease_ms)
+        return successor
+
+    def release(self) -> None:
+        self._release(keys=[lease_key(self.name)], args=[self.token])
+
+    def run(self, seconds: float, stop: Callable[[], bool] = lambda: False) -> int:
+        """Consume until `seconds` pass, the lease is lost or `stop()`; returns entries handled."""
+        cfg = self.cfg
+        ensure_group(self.redis, cfg.STREAM_KEY, cfg.STREAM_GROUP)
+        deadline = time.monotonic() + seconds
+        next_claim = 0.0
+        # First finish what this name left pending (a predecessor's work); a retry after a
+        # failure of the entries themselves counts as another delivery of them.
+        own_pending, count_retry = True, True
+        backoff = 0.5
+        handled = 0
+        while time.monotonic() < deadline and not stop():
+            if not self.renew():
+                log.warning("consumer %s lost its lease; stopping", self.name)
+                break
+            try:
+                if time.monotonic() >= next_claim:
+                    handled += self.claim_abandoned()
+                    next_claim = time.monotonic() + cfg.STREAM_CLAIM_EVERY_SECONDS
+                handled_now, own_pending = self.read_once(own_pending, count_retry)
+                handled += handled_now
+                backoff = 0.5
+            except redis.ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    ensure_group(self.redis, cfg.STREAM_KEY, cfg.STREAM_GROUP)
+                    continue
+                raise
+            except (OperationalError, InterfaceError, redis.ConnectionError, redis.TimeoutError):
+                # PostgreSQL or Redis is unreachable: the entries are fine, keep them pending
+                # and retry without counting it against them.
+                log.exception(
+                    "consumer %s: store unreachable; retrying in %.1fs", self.name, backoff
+                )
+                own_pending, count_retry = True, False
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+            except Exception:
+                log.exception("consumer %s failed a batch; retrying it", self.name)
+                own_pending, count_retry = True, True
+                time.sleep(0.2)
+        return handled
+
+    def read_once(self, own_pending: bool, count_retry: bool = True) -> tuple[int, bool]:
+        """Read and handle one batch; returns (entries handled, whether own pending remain)."""
+        cfg = self.cfg
+        reply = self.redis.xreadgroup(
+            cfg.STREAM_GROUP,
+            self.name,
+            {cfg.STREAM_KEY: "0" if own_pending else ">"},
+            count=cfg.STREAM_BATCH,
+            block=None if own_pending else cfg.STREAM_BLOCK_MS,
+        )
+        entries = [(eid, fields) for _, batch in (reply or []) for eid, fields in batch]
+        # In the pending history, an entry whose body was trimmed away comes back empty.
+        gone = [eid for eid, fields in entries if not fields]
+        entries = [(eid, fields) for eid, fields in entries if fields]
+        if gone:
+            self.redis.xack(cfg.STREAM_KEY, cfg.STREAM_GROUP, *gone)
+        if not entries:
+            return len(gone), False
+        dead: dict[str, str] = {}
+        if own_pending:
+            ids = [eid for eid, _ in entries]
+            if count_retry:
+                # Re-reading our own pending entries does not raise their delivery count;
+                # claiming them to ourselves does, which bounds a poison entry's retries.
+                self.redis.xclaim(cfg.STREAM_KEY, cfg.STREAM_GROUP, self.name, 0, ids)
+            dead = self._over_delivered(ids)
+        self._handle(entries, dead, replay=own_pending)
+        return len(entries), own_pending
+
+    def claim_abandoned(self) -> int:
+        """XAUTOCLAIM entries idle past the bound (their consumer died) and handle them."""
+        cfg = self.cfg
+        handled = 0
+        cursor = "0-0"
+        while True:
+            cursor, claimed, deleted = self.redis.xautoclaim(
+                cfg.STREAM_KEY,
+                cfg.STREAM_GROUP,
+                self.name,
+                min_idle_time=cfg.STREAM_CLAIM_IDLE_MS,
+                start_id=cursor,
+                count=cfg.STREAM_BATCH,
+            )
+            if deleted:
+                self.redis.xack(cfg.STREAM_KEY, cfg.STREAM_GROUP, *deleted)
+            entries = [(eid, fields) for eid, fields in claimed if fields]
+            if entries:
+                log.info("consumer %s claimed %d abandoned entries", self.name, len(entries))
+                self._handle(entries, self._over_delivered([eid for eid, _ in entries]))
+                handled += len(entries)
+            if cursor == "0-0":
+                return handled
+
+    def _over_delivered(self, entry_ids: list[str]) -> dict[str, str]:
+        """Entries handed out more than STREAM_MAX_DELIVERIES times, with the reason."""
+        cfg = self.cfg
+        dead = {}
+        for info in self.redis.xpending_range(
+            cfg.STREAM_KEY, cfg.STREAM_GROUP, min=entry_ids[0], max=entry_ids[-1],
+            count=len(entry_ids) + 100,
+        ):  # fmt: skip
+            if (
+                info["message_id"] in entry_ids
+                and info["times_delivered"] > cfg.STREAM_MAX_DELIVERIES
+            ):
+                dead[info["message_id"]] = (
+                    f"stream entry handed out {info['times_delivered']} times without success"
+                )
+        return dead
+
+    def _handle(
+        self, entries: list[tuple[str, dict[str, str]]], dead: dict[str, str], replay: bool = True
+    ) -> None:
+        done = process_entries(
+            self.engine, entries, self.enqueue, self.cfg.DELIVERY_BATCH, dead, replay=replay
+        )
+        self.redis.xack(self.cfg.STREAM_KEY, self.cfg.STREAM_GROUP, *done)
+
+
+def trim_stream(client: redis.Redis, stream: str) -> int:
+    """XTRIM MINID below the oldest entry any group has not acknowledged; returns entries cut."""
+    try:
+        groups = client.xinfo_groups(stream)
+    except redis.ResponseError:
+        return 0
+    if not groups:
+        return 0  # nobody has read anything yet: everything is still needed
+    floor: str | None = None
+    for group in groups:
+        summary = client.xpending(stream, group["name"])
+        # With nothing pending, everything up to last-delivered-id is acked.
+        keep_from = summary["min"] if summary["pending"] else group["last-delivered-id"]
+        if keep_from == "0-0":
+            return 0
+        if floor is None or _id_key(keep_from) < _id_key(floor):
+            floor = keep_from
+    if floor is None:
+        return 0
+    return int(client.xtrim(stream, minid=floor, approximate=False))
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
+def celery_enqueue(lane: str, delivery_ids: list[int]) -> None:
+    from tasks.delivery import deliver_websocket
+
+    deliver_websocket.apply_async(args=[delivery_ids], queue=lane)
+
+
+def _worker_stopping() -> bool:
+    # Set by the worker's SIGTERM/SIGQUIT handler; the consumer runs under the solo pool,
+    # in the process that receives the signal, so Ctrl-C stops it within one read.
+    from celery.worker import state
+
+    # The flags hold an exit code once set, and EX_OK is 0 (== False): compare by identity.
+    return any(
+        flag is not None and flag is not False
+        for flag in (state.should_stop, state.should_terminate)
+    )
+
+
+@shared_task(name="tasks.stream.consume_stream", bind=True, ignore_result=True)
+def consume_stream(self: Any, consumer: str, lease_token: str | None = None) -> int:
+    # acks_late (the default here) keeps the message unacked while it runs, so an idle
+    # consumer worker, not this busy one, takes the next consumer's task. A copy redelivered
+    # after a crash only finds the lease held, or takes over a lapsed one.
+    cfg: Config = current_app.config["NOTIFIER"]
+    worker = StreamConsumer(
+        cfg, current_app.extensions["db.engine"], current_app.extensions["redis"], consumer,
+        celery_enqueue,
+    )  # fmt: skip
+    if not worker.acquire(lease_token):
+        log.info("consumer %s is already running; this copy exits", consumer)
+        return 0
+    try:
+        handled = worker.run(cfg.STREAM_RUN_SECONDS, stop=_worker_stopping)
+    except BaseException:
+        worker.release()
+        raise
+    if _worker_stopping():
+        worker.release()  # the watchdog restarts it wherever a consumer worker runs
+    elif worker.renew():
+        successor = worker.hand_over()
+        consume_stream.apply_async(args=[consumer, successor], queue="stream")
+    return handled
+
+
+@shared_task(name="tasks.stream.watchdog", ignore_result=True)
+def watchdog() -> list[str]:
+    """Start a consumer task for every configured name whose lease has lapsed."""
+    cfg: Config = current_app.config["NOTIFIER"]
+    client: redis.Redis = current_app.extensions["redis"]
+    started = []
+    for name in cfg.consumer_names:
+        reservation = secrets.token_hex(8)
+        # Reserve the name before enqueueing, so a slow start is not started twice.
+        ttl_ms = int(max(cfg.STREAM_LEASE_SECONDS, 30) * 1000)
+        if client.set(lease_key(name), reservation, nx=True, px=ttl_ms):
+            consume_stream.apply_async(args=[name, reservation], queue="stream")
+            started.append(name)
+    if started:
+        log.info("watchdog started consumers %s", started)
+    return started
+
+
+@shared_task(name="tasks.stream.trim", ignore_result=True)
+def trim() -> int:
+    cfg: Config = current_app.config["NOTIFIER"]
+    return trim_stream(current_app.extensions["redis"], cfg.STREAM_KEY)

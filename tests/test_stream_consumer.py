@@ -1,0 +1,258 @@
+"""The consumer's plain functions against real Redis and PostgreSQL (no Celery)."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+from sqlalchemy import text
+
+from app.config import Config
+from tasks.stream import StreamConsumer, ensure_group, lane_of, process_entries, trim_stream
+
+STREAM, GROUP = "notifications:stream", "notifier_group"
+NOTE = {"title": "t", "body": "b"}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[int]]] = []
+
+    def __call__(self, lane: str, ids: list[int]) -> None:
+        self.calls.append((lane, ids))
+
+    @property
+    def ids(self) -> list[int]:
+        return [i for _, ids in self.calls for i in ids]
+
+
+def _post(client, auth, **fields) -> str:
+    r = client.post("/notifications", json={**NOTE, **fields}, headers=auth)
+    assert r.status_code == 202, r.json
+    return r.json["id"]
+
+
+def _entries(rdb):
+    return [(eid, fields) for eid, fields in rdb.xrange(STREAM)]
+
+
+def _deliveries(pg) -> int:
+    with pg.connect() as conn:
+        return conn.scalar(text("SELECT count(*) FROM deliveries"))
+
+
+def test_process_entries_records_one_delivery_per_recipient_and_enqueues_by_lane(
+    client, auth, pg, rdb
+):
+    _post(client, auth, user_ids=["a", "b", "c"], priority="low")
+    _post(client, auth, user_id="d", priority="high")
+    enqueue = Recorder()
+
+    acked = process_entries(pg, _entries(rdb), enqueue, delivery_batch=2)
+
+    assert len(acked) == 2
+    assert _deliveries(pg) == 4
+    lanes = [lane for lane, _ in enqueue.calls]
+    assert lanes == ["high", "low", "low"]  # high first; low split into batches of 2
+    assert sorted(enqueue.ids) == [1, 2, 3, 4]
+
+
+def test_replayed_entries_create_no_duplicates(client, auth, pg, rdb):
+    _post(client, auth, user_ids=["a", "b"])
+    process_entries(pg, _entries(rdb), Recorder(), delivery_batch=100)
+    with pg.begin() as conn:
+        conn.execute(text("UPDATE deliveries SET status = 'sent' WHERE user_id = 'a'"))
+    again = Recorder()
+
+    process_entries(pg, _entries(rdb), again, delivery_batch=100)
+
+    assert _deliveries(pg) == 2
+    assert len(again.ids) == 1  # only b is still pending and worth another task
+
+
+def test_undecodable_entry_goes_to_dead_letters(pg, rdb):
+    rdb.xadd(STREAM, {"id": "x", "payload": "{broken"})
+
+    acked = process_entries(pg, _entries(rdb), Recorder(), delivery_batch=100)
+
+    assert len(acked) == 1
+    with pg.connect() as conn:
+        row = conn.execute(text("SELECT source, error FROM dead_letters")).one()
+    assert row.source == "stream"
+    assert "undecodable" in row.error
+
+
+def test_expired_notification_is_not_delivered(client, auth, pg, rdb):
+    nid = _post(client, auth, user_id="a", expires_at="2001-01-01T00:00:00Z")
+    # expires_at in the past passes validation (only ordering with send_at is checked).
+    process_entries(pg, _entries(rdb), Recorder(), delivery_batch=100)
+
+    assert _deliveries(pg) == 0
+    with pg.connect() as conn:
+        assert conn.scalar(text("SELECT status FROM notifications WHERE id = :i"), {"i": nid}) == (
+            "expired"
+        )
+
+
+def test_only_websocket_channel_creates_websocket_deliveries(client, auth, pg, rdb):
+    _post(client, auth, user_id="a", channels=["email"])
+    process_entries(pg, _entries(rdb), Recorder(), delivery_batch=100)
+    assert _deliveries(pg) == 0
+
+
+@pytest.mark.parametrize(("priority", "lane"), [("high", "high"), ("normal", "default"),
+                                                ("low", "low")])  # fmt: skip
+def test_priority_lanes(priority, lane):
+    assert lane_of(priority) == lane
+
+
+def _consumer(app, rdb, pg, name="c1", **overrides) -> tuple[StreamConsumer, Recorder]:
+    cfg = Config.from_env(overrides={**app.config["NOTIFIER"].__dict__, **overrides})
+    enqueue = Recorder()
+    return StreamConsumer(cfg, pg, rdb, name, enqueue), enqueue
+
+
+def test_consumer_reads_processes_and_acks(app, client, auth, pg, rdb):
+    consumer, _ = _consumer(app, rdb, pg)
+    assert consumer.acquire(None)
+    _post(client, auth, user_id="a")
+    _post(client, auth, user_id="b")
+
+    consumer.run(seconds=0.5)
+
+    assert _deliveries(pg) == 2
+    assert rdb.xpending(STREAM, GROUP)["pending"] == 0
+
+
+def test_entries_pending_on_a_dead_consumer_are_claimed(app, client, auth, pg, rdb):
+    ensure_group(rdb, STREAM, GROUP)
+    _post(client, auth, user_id="a")
+    rdb.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=10)  # read, then "died"
+    consumer, _ = _consumer(app, rdb, pg, STREAM_CLAIM_IDLE_MS=0)
+    consumer.acquire(None)
+
+    consumer.run(seconds=0.5)
+
+    assert _deliveries(pg) == 1
+    assert rdb.xpending(STREAM, GROUP)["pending"] == 0
+
+
+def test_entry_handed_out_too_often_goes_to_dead_letters(app, client, auth, pg, rdb):
+    ensure_group(rdb, STREAM, GROUP)
+    _post(client, auth, user_id="a")
+    rdb.xreadgroup(GROUP, "dead", {STREAM: ">"})
+    rdb.xautoclaim(STREAM, GROUP, "dead", 0, "0-0")  # handed out a second time
+    consumer, _ = _consumer(app, rdb, pg, STREAM_CLAIM_IDLE_MS=0, STREAM_MAX_DELIVERIES=2)
+    consumer.acquire(None)
+
+    consumer.run(seconds=0.5)
+
+    assert _deliveries(pg) == 0
+    with pg.connect() as conn:
+        assert conn.scalar(text("SELECT count(*) FROM dead_letters")) == 1
+    assert rdb.xpending(STREAM, GROUP)["pending"] == 0
+
+
+def test_one_consumer_name_runs_once(app, rdb, pg):
+    first, _ = _consumer(app, rdb, pg, name="same")
+    second, _ = _consumer(app, rdb, pg, name="same")
+
+    assert first.acquire(None)
+    assert not second.acquire(None)
+    successor_token = first.hand_over()
+    assert not first.renew()  # handed over: the old task stops
+    assert second.acquire(successor_token)
+
+
+def test_trim_never_drops_unacknowledged_entries(rdb):
+    ids = [rdb.xadd(STREAM, {"n": str(i)}) for i in range(10)]
+    assert trim_stream(rdb, STREAM) == 0  # no group: nothing may go
+    ensure_group(rdb, STREAM, GROUP)
+    read = rdb.xreadgroup(GROUP, "c", {STREAM: ">"}, count=6)
+    read_ids = [eid for _, batch in read for eid, _ in batch]
+    rdb.xack(STREAM, GROUP, *read_ids[:2], *read_ids[3:])  # entry 2 stays pending
+
+    trimmed = trim_stream(rdb, STREAM)
+
+    remaining = [eid for eid, _ in rdb.xrange(STREAM)]
+    assert trimmed == 2
+    assert remaining == ids[2:]  # the pending entry and everything never read remain
+
+
+def test_trim_with_everything_acked_keeps_unread_entries(rdb):
+    ids = [rdb.xadd(STREAM, {"n": str(i)}) for i in range(5)]
+    ensure_group(rdb, STREAM, GROUP)
+    read = rdb.xreadgroup(GROUP, "c", {STREAM: ">"}, count=3)
+    rdb.xack(STREAM, GROUP, *[eid for _, batch in read for eid, _ in batch])
+
+    trim_stream(rdb, STREAM)
+
+    assert [eid for eid, _ in rdb.xrange(STREAM)][-2:] == ids[-2:]
+    assert ids[0] not in [eid for eid, _ in rdb.xrange(STREAM)]
+
+
+def test_payload_round_trips_through_the_stream(client, auth, rdb):
+    nid = _post(client, auth, user_id="a", data={"x": [1, 2]})
+    payload = orjson.loads(rdb.xrange(STREAM)[0][1]["payload"])
+    assert payload["id"] == nid
+    assert payload["data"] == {"x": [1, 2]}
+
+
+def test_two_named_consumers_share_the_stream_and_process_each_entry_once(
+    app, client, auth, pg, rdb
+):
+    ids = [_post(client, auth, user_id=f"u{i}") for i in range(40)]
+    first, first_enqueue = _consumer(app, rdb, pg, name="c-a", STREAM_BATCH=5)
+    second, second_enqueue = _consumer(app, rdb, pg, name="c-b", STREAM_BATCH=5)
+    first.acquire(None)
+    second.acquire(None)
+    ensure_group(rdb, STREAM, GROUP)
+
+    for _ in range(4):  # alternate reads, as two processes would interleave
+        first.read_once(False)
+        second.read_once(False)
+
+    assert len(first_enqueue.ids) == len(second_enqueue.ids) == 20
+    assert sorted(first_enqueue.ids + second_enqueue.ids) == list(range(1, 41))
+    assert _deliveries(pg) == len(ids)
+    assert rdb.xpending(STREAM, GROUP)["pending"] == 0
+
+
+@pytest.mark.parametrize("flag", ["should_stop", "should_terminate"])
+def test_consumer_sees_a_warm_or_cold_shutdown_even_with_exit_code_zero(flag):
+    from celery.worker import state
+
+    from tasks.stream import _worker_stopping
+
+    assert not _worker_stopping()
+    setattr(state, flag, 0)  # EX_OK, what a SIGTERM sets
+    try:
+        assert _worker_stopping()
+    finally:
+        setattr(state, flag, None)
+
+
+def test_consumer_run_returns_when_asked_to_stop(app, rdb, pg):
+    consumer, _ = _consumer(app, rdb, pg)
+    consumer.acquire(None)
+    started = time.monotonic()
+
+    consumer.run(seconds=30, stop=lambda: time.monotonic() - started > 0.3)
+
+    assert time.monotonic() - started < 5
+
+
+def test_watchdog_starts_a_consumer_only_when_its_lease_has_lapsed(make_app, rdb):
+    from tasks.stream import lease_key, watchdog
+
+    flask_app = make_app(STREAM_CONSUMERS="c-1,c-2")
+    rdb.set(lease_key("c-1"), "held-by-a-live-task", px=60_000)
+
+    with flask_app.app_context():
+        started = watchdog.run()
+        again = watchdog.run()
+
+    assert started == ["c-2"]
+    assert again == []  # c-2 is reserved for the task just enqueued
+    assert rdb.llen("stream") == 1  # one consume_stream message, on the consumer queue
