@@ -47,6 +47,8 @@ ACK_FLUSH_SECONDS = 0.05
 # Outbox markers: the handler greenlet, the only writer of its socket, acts on them.
 PING: dict[str, Any] = {"type": "__ping__"}
 CLOSE_NO_PONG: dict[str, Any] = {"type": "__close_no_pong__"}
+# Replay the user's un-acked notifications again: live messages may have been missed.
+RESYNC: dict[str, Any] = {"type": "__resync__"}
 CLOSE_TOO_BIG = 1009
 HARD_FRAME_FACTOR = 16
 
@@ -147,13 +149,24 @@ class Hub:
             except redis.RedisError:
                 log.warning("could not clear presence of %s; it lapses by TTL", s.user_id)
 
+    def resync(self, users: list[str] | None = None) -> None:
+        """Have sockets replay their un-acked notifications (all sockets when `users` is None)."""
+        for user_id in list(self._sockets) if users is None else users:
+            for s in tuple(self._sockets.get(user_id, ())):
+                s.push(RESYNC)
+
     def _listen(self, ready: threading.Event) -> None:
         channel = presence.node_channel(self.node_id)
+        subscribed_before = False
         while True:
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[union-attr]
                 pubsub.subscribe(channel)
                 ready.set()
+                if subscribed_before:
+                    # Publishes while unsubscribed reached no one and were left pending.
+                    self.resync()
+                subscribed_before = True
                 while True:
                     msg = pubsub.get_message(timeout=1.0)
                     if msg is not None:
@@ -206,12 +219,16 @@ class Hub:
         while True:
             time.sleep(self._heartbeat)
             try:
-                presence.mark_online(
+                lapsed = presence.mark_online(
                     self.redis,  # type: ignore[arg-type]
                     self.node_id,
                     list(self._sockets),
                     self._presence_ttl,
                 )
+                if lapsed:
+                    # Delivery saw these users offline meanwhile and left their queue pending.
+                    log.warning("presence of %d users had lapsed; replaying", len(lapsed))
+                    self.resync(lapsed)
             except Exception:
                 log.exception("presence heartbeat failed")
 
@@ -292,7 +309,11 @@ def _serve(s: Socket, hub: Hub) -> None:
     ws = s.ws
     while True:
         while s.outbox:
-            s.send(s.outbox.popleft())
+            message = s.outbox.popleft()
+            if message is RESYNC:
+                _replay(s)
+            else:
+                s.send(message)
         if ws.input_buffer:
             if not _handle_frame(s, hub, ws.input_buffer.pop(0)):
                 return

@@ -27,16 +27,24 @@ def node_channel(node_id: str) -> str:
     return NODE_CHANNEL_PREFIX + node_id
 
 
-def mark_online(client: redis.Redis, node_id: str, users: Iterable[str], ttl: float) -> None:
-    """Record (or renew) that `node_id` holds sockets for `users`."""
+def mark_online(client: redis.Redis, node_id: str, users: Iterable[str], ttl: float) -> list[str]:
+    """Record (or renew) that `node_id` holds sockets for `users`.
+
+    Returns the users whose presence on this node had to be created rather than renewed:
+    for a heartbeat, those whose presence had lapsed, so deliveries meanwhile may have
+    been left in their offline queue.
+    """
     now = time.time()
+    users = list(users)
     pipe = client.pipeline(transaction=False)
     for user_id in users:
         key = presence_key(user_id)
-        pipe.zadd(key, {node_id: now})
+        # Drop lapsed entries first, so a lapsed entry of this node counts as created.
         pipe.zremrangebyscore(key, "-inf", now - ttl)
+        pipe.zadd(key, {node_id: now})
         pipe.pexpire(key, int(ttl * 1000))
-    pipe.execute()
+    results = pipe.execute()
+    return [u for u, added in zip(users, results[1::3], strict=True) if added]
 
 
 def mark_offline(client: redis.Redis, node_id: str, user_id: str) -> None:

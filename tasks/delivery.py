@@ -3,7 +3,8 @@
 A task takes a batch of delivery ids. Users with a live presence get the notification
 through their nodes' Pub/Sub channels (one message per notification and node, however many
 users it carries); the others are left pending, which is what the offline queue is:
-their gateway replays it when they connect.
+their gateway replays it when they connect. A copy is published until it is acked, not
+only while pending: a replay on one socket must not keep it from the user's others.
 """
 
 from __future__ import annotations
@@ -35,13 +36,19 @@ class WebsocketResult:
 def deliver_websocket_batch(
     engine: Engine, client: redis.Redis, delivery_ids: list[int], presence_ttl: float
 ) -> WebsocketResult:
-    """Publish the pending deliveries among `delivery_ids` to their users' nodes."""
+    """Publish the un-acked deliveries among `delivery_ids` to their users' nodes."""
     # Autocommit: a lone SELECT needs no BEGIN/ROLLBACK round trips.
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         rows = conn.execute(
             select(Delivery.user_id, *inbox.MESSAGE_COLUMNS)
             .join(Notification, Notification.id == Delivery.notification_id)
-            .where(Delivery.id.in_(delivery_ids), Delivery.status == DeliveryStatus.PENDING)
+            # Sent copies too: another socket's replay may have sent (and marked) this one
+            # meanwhile, and the user's other sockets still need it; sockets drop repeats.
+            .where(
+                Delivery.id.in_(delivery_ids),
+                Delivery.status.in_((DeliveryStatus.PENDING, DeliveryStatus.SENT)),
+                Delivery.acked_at.is_(None),
+            )
         ).all()
     if not rows:
         return WebsocketResult(0, 0)

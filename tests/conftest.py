@@ -179,6 +179,14 @@ def platform_settings(
     next(databases, None)  # drops it
 
 
+@pytest.fixture
+def rplat(platform_settings: dict[str, str]) -> Iterator[redis.Redis]:
+    """A client of the Redis DB the platform processes use."""
+    client = redis.Redis.from_url(platform_settings["REDIS_URL"], decode_responses=True)
+    yield client
+    client.close()
+
+
 @pytest.fixture(scope="module")
 def platform(platform_settings: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     """A Platform whose processes are stopped at the end of the module; state is reset first."""

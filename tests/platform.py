@@ -165,6 +165,7 @@ class Client:
         )
         self.frames: list[dict[str, Any]] = []
         self.closed: tuple[int | None, str] | None = None
+        self._closing = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -173,6 +174,11 @@ class Client:
         while True:
             try:
                 opcode, data = self.ws.recv_data(control_frame=False)
+            except websocket.WebSocketTimeoutException:
+                # A quiet socket is not a lost one: the timeout only bounds the handshake.
+                if self._closing:
+                    return
+                continue
             except Exception:
                 self.closed = self.closed or (None, "connection lost")
                 return
@@ -199,6 +205,7 @@ class Client:
         self.ws.send(json.dumps(message) if not isinstance(message, (str, bytes)) else message)
 
     def close(self) -> None:
+        self._closing = True
         with contextlib.suppress(Exception):
             self.ws.close()
         self._thread.join(timeout=5)

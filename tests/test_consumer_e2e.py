@@ -28,13 +28,6 @@ def _fresh_processes(platform, platform_settings):
 
 
 @pytest.fixture
-def rplat(platform_settings):
-    client = redis.Redis.from_url(platform_settings["REDIS_URL"], decode_responses=True)
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def pgplat(platform_settings):
     engine = create_engine(platform_settings["DATABASE_URL"])
     yield engine

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from app.presence import nodes_for, presence_key
 from tests.helpers import wait_until
 from tests.platform import Client, get, notify, post, token
 
@@ -153,3 +154,36 @@ def test_user_token_reads_only_its_own_inbox(running):
     assert post(running, f"/users/{bob}/notifications/read", {"all": True},
                 {"x-api-key": "", **own})[0] == 403  # fmt: skip
     assert get(running, f"/users/{bob}/notifications", {})[0] == 401
+
+
+def test_a_socket_whose_presence_lapsed_gets_what_was_queued_meanwhile(running, rplat):
+    # Delivery sees the user offline and leaves the notification pending; the gateway's next
+    # heartbeat finds the presence gone, restores it and replays the queue to the socket.
+    u = user()
+    client = Client(running, u)
+    try:
+        wait_until(lambda: nodes_for(rplat, [u], 4).get(u))
+        rplat.delete(presence_key(u))
+        nid = notify(running, u)
+        [frame] = client.wait_for(1)
+    finally:
+        client.close()
+    assert frame["id"] == nid
+
+
+def test_gateway_resubscribes_when_its_pubsub_connection_drops(running, rplat):
+    u = user()
+    client = Client(running, u)
+    try:
+        wait_until(lambda: nodes_for(rplat, [u], 4).get(u))
+        db = rplat.connection_pool.connection_kwargs["db"]
+        # Only this platform's subscribers: other test workers use other DB numbers.
+        for c in rplat.client_list(_type="pubsub"):
+            if int(c["db"]) == db:
+                rplat.client_kill_filter(_id=c["id"])
+        nid = notify(running, u)
+        client.wait_for(1)
+        second = notify(running, u)
+        assert [f["id"] for f in client.wait_for(2)] == [nid, second]
+    finally:
+        client.close()

@@ -8,7 +8,6 @@ import time
 import uuid
 
 import pytest
-import redis
 import websocket
 
 from app.presence import nodes_for, presence_key
@@ -27,13 +26,6 @@ def gateways(platform):
     platform.delivery_worker(concurrency=2)
     platform.beat()
     return a, b
-
-
-@pytest.fixture
-def rplat(platform_settings):
-    client = redis.Redis.from_url(platform_settings["REDIS_URL"], decode_responses=True)
-    yield client
-    client.close()
 
 
 def user() -> str:

@@ -1,0 +1,111 @@
+"""The websocket delivery function against real Redis and PostgreSQL (no Celery, no gateway)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import orjson
+import pytest
+from sqlalchemy import text
+
+from app import inbox, presence
+from tasks.delivery import deliver_websocket_batch
+from tasks.stream import process_entries
+
+TTL = 30.0
+
+
+@pytest.fixture
+def node(rdb):
+    """A subscribed node channel standing in for a gateway process."""
+    node_id = uuid.uuid4().hex
+    pubsub = rdb.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(presence.node_channel(node_id))
+    yield node_id, pubsub
+    pubsub.close()
+
+
+def _received(pubsub, seconds: float = 0.5) -> list[dict]:
+    """Everything published to the node within `seconds` (subscribe confirmations skipped)."""
+    out = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        msg = pubsub.get_message(timeout=0.05)
+        if msg is not None:
+            out.append(orjson.loads(msg["data"]))
+    return out
+
+
+def _record(client, auth, pg, rdb, **fields) -> list[int]:
+    """Post a notification and record its deliveries; returns their ids."""
+    r = client.post("/notifications", json={"title": "t", "body": "b", **fields}, headers=auth)
+    assert r.status_code == 202, r.json
+    ids: list[int] = []
+    process_entries(pg, list(rdb.xrange("notifications:stream")), lambda _, d: ids.extend(d), 100)
+    return ids
+
+
+def _statuses(pg) -> dict[str, str]:
+    with pg.connect() as conn:
+        return dict(conn.execute(text("SELECT user_id, status FROM deliveries")).all())
+
+
+def test_online_users_get_one_publish_per_node_and_become_sent(client, auth, pg, rdb, node):
+    node_id, pubsub = node
+    presence.mark_online(rdb, node_id, ["a", "b"], TTL)
+    ids = _record(client, auth, pg, rdb, user_ids=["a", "b", "c"])
+
+    result = deliver_websocket_batch(pg, rdb, ids, TTL)
+
+    [envelope] = _received(pubsub)
+    assert sorted(user for user, _ in envelope["to"]) == ["a", "b"]
+    assert (result.sent, result.offline) == (2, 1)
+    assert _statuses(pg) == {"a": "sent", "b": "sent", "c": "pending"}
+
+
+def test_a_copy_sent_by_another_sockets_replay_still_reaches_the_users_node(
+    client, auth, pg, rdb, node
+):
+    # One socket's replay sent and marked the copy before the task ran; the user's other
+    # sockets are only reached by the task's publish.
+    node_id, pubsub = node
+    presence.mark_online(rdb, node_id, ["a"], TTL)
+    ids = _record(client, auth, pg, rdb, user_id="a")
+    inbox.mark_sent(pg, ids)
+
+    deliver_websocket_batch(pg, rdb, ids, TTL)
+
+    [envelope] = _received(pubsub)
+    assert envelope["to"] == [["a", ids[0]]]
+
+
+def test_acked_copies_are_not_published_again(client, auth, pg, rdb, node):
+    node_id, pubsub = node
+    presence.mark_online(rdb, node_id, ["a"], TTL)
+    ids = _record(client, auth, pg, rdb, user_id="a")
+    with pg.begin() as conn:
+        [nid] = conn.execute(text("SELECT notification_id FROM deliveries")).scalars()
+        assert inbox.ack(conn, "a", [nid]) == [str(nid)]
+
+    result = deliver_websocket_batch(pg, rdb, ids, TTL)
+
+    assert _received(pubsub) == []
+    assert (result.sent, result.offline) == (0, 0)
+
+
+def test_a_node_without_a_subscriber_leaves_the_copy_pending(client, auth, pg, rdb):
+    presence.mark_online(rdb, "vanished-node", ["a"], TTL)
+    ids = _record(client, auth, pg, rdb, user_id="a")
+
+    result = deliver_websocket_batch(pg, rdb, ids, TTL)
+
+    assert (result.sent, result.offline) == (0, 1)
+    assert _statuses(pg) == {"a": "pending"}
+
+
+def test_heartbeat_reports_users_whose_presence_had_lapsed(rdb):
+    assert presence.mark_online(rdb, "n1", ["a", "b"], TTL) == ["a", "b"]
+    assert presence.mark_online(rdb, "n1", ["a", "b"], TTL) == []
+    rdb.delete(presence.presence_key("b"))
+    assert presence.mark_online(rdb, "n1", ["a", "b"], TTL) == ["b"]
