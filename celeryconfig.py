@@ -20,11 +20,18 @@ broker_connection_retry_on_startup = True
 broker_transport_options = {"visibility_timeout": 3600, "queue_order_strategy": "priority"}
 
 task_default_queue = "default"
-task_queues = (Queue("default"), Queue("high"), Queue("low"), Queue("stream"))
+# "channels" (webhook, email) has its own worker: a slow or failing receiver ties up only
+# those threads, never the ones pushing to sockets.
+task_queues = (
+    Queue("default"), Queue("high"), Queue("low"), Queue("stream"), Queue("channels")
+)
 task_routes = {
     "tasks.stream.consume_stream": {"queue": "stream"},
     "tasks.stream.watchdog": {"queue": "high"},
     "tasks.stream.trim": {"queue": "default"},
     "tasks.outbox.*": {"queue": "default"},
     "tasks.delivery.*": {"queue": "default"},
+    "tasks.channels.*": {"queue": "channels"},
+    "tasks.retries.*": {"queue": "high"},
+    "tasks.escalation.*": {"queue": "high"},
 }

@@ -47,11 +47,13 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     )
 
     from app import gateway
-    from app.api import health, inbox, notifications, tokens
+    from app.api import dlq, health, inbox, notifications, tokens, users
 
     app.register_blueprint(health.bp)
     app.register_blueprint(notifications.bp)
     app.register_blueprint(inbox.bp)
     app.register_blueprint(tokens.bp)
+    app.register_blueprint(users.bp)
+    app.register_blueprint(dlq.bp)
     gateway.init_app(app)
     return app

@@ -104,6 +104,35 @@ class Config:
         7 * 24 * 3600, "Longest lifetime POST /auth/token will mint."
     )
 
+    RETRY_BASE_SECONDS: float = setting(
+        2.0, "First retry delay; try n waits RETRY_BASE_SECONDS * 2**(n-1), with jitter."
+    )
+    RETRY_MAX_DELAY_SECONDS: float = setting(
+        1800.0, "Longest delay between tries (kept below the broker's 3,600 s visibility timeout)."
+    )
+    RETRY_MAX_ATTEMPTS: int = setting(6, "Tries of one delivery before it goes to dead letters.")
+    RETRY_JITTER: float = setting(0.2, "Random share (0..1) taken off or added to each delay.")
+    RETRY_SWEEP_SECONDS: float = setting(5.0, "Beat interval of the retry sweeper.")
+    RETRY_SWEEP_GRACE_SECONDS: float = setting(
+        15.0, "How overdue a mirrored retry must be before the sweeper enqueues it again."
+    )
+    ATTEMPT_LEASE_SECONDS: float = setting(
+        60.0, "An attempt unfinished this long after it started is taken as lost with its worker."
+    )
+    WEBHOOK_TIMEOUT_SECONDS: float = setting(10.0, "Timeout of one webhook POST.")
+    WEBHOOK_SIGNING_SECRET: str = setting(
+        "", "HMAC secret for webhooks of notifications sent with API_KEY; empty derives one."
+    )
+    SMTP_URL: str = setting(
+        "smtp://127.0.0.1:1025",
+        "SMTP server: smtp://[user:pass@]host:port (smtps://, ?starttls=1).",
+    )
+    SMTP_TIMEOUT_SECONDS: float = setting(10.0, "Timeout of one SMTP conversation.")
+    EMAIL_FROM: str = setting("notifier@localhost", "From address of notification emails.")
+    ESCALATION_SWEEP_SECONDS: float = setting(
+        5.0, "Beat interval of the check for un-acked notifications due for fallback."
+    )
+
     LOG_LEVEL: str = setting("INFO", "Root log level.")
 
     @classmethod

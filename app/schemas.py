@@ -52,6 +52,7 @@ class UserIdList(fields.List):
 
 
 USER_ID = validate.Length(min=1, max=255)
+WEBHOOK_URL = validate.URL(schemes={"http", "https"}, require_tld=False)
 
 
 class NotificationIn(Schema):
@@ -76,6 +77,10 @@ class NotificationIn(Schema):
     )
     send_at = fields.AwareDateTime(default_timezone=UTC)
     expires_at = fields.AwareDateTime(default_timezone=UTC)
+    webhook_url = Text(validate=[validate.Length(max=2000), WEBHOOK_URL])
+    fallback_after_seconds = fields.Integer(
+        strict=True, validate=validate.Range(min=1, max=30 * 24 * 3600)
+    )
 
     @validates_schema
     def _recipients_and_content(self, data: dict[str, Any], **_kwargs: Any) -> None:
@@ -91,6 +96,8 @@ class NotificationIn(Schema):
                     errors[name] = ["Missing data for required field (or give 'template')."]
         if "params" in data and "template" not in data:
             errors["params"] = ["'params' needs a 'template'."]
+        if "fallback_after_seconds" in data and Channel.WEBSOCKET.value not in data["channels"]:
+            errors["fallback_after_seconds"] = ["Needs the 'websocket' channel to fall back from."]
         send_at, expires_at = data.get("send_at"), data.get("expires_at")
         if send_at and expires_at and expires_at <= send_at:
             errors["expires_at"] = ["Must be later than 'send_at'."]
@@ -106,3 +113,35 @@ def recipients_of(data: dict[str, Any]) -> list[str]:
     if "user_id" in data:
         return [data["user_id"]]
     return list(dict.fromkeys(data["user_ids"]))
+
+
+class UserIn(Schema):
+    """PUT /users/{id}: the fields given are set, null clears one, the others are kept."""
+
+    email = fields.Email(allow_none=True, validate=validate.Length(max=320))
+    webhook_url = Text(allow_none=True, validate=[validate.Length(max=2000), WEBHOOK_URL])
+
+
+user_in = UserIn()
+
+
+class DeadLetterFilter(Schema):
+    channel = fields.String(validate=validate.OneOf(["stream", *[c.value for c in Channel]]))
+    user_id = Text(validate=USER_ID)
+    since = fields.AwareDateTime(default_timezone=UTC)
+    until = fields.AwareDateTime(default_timezone=UTC)
+    include_redriven = fields.Boolean(load_default=True)
+
+
+class DeadLetterQuery(DeadLetterFilter):
+    before = fields.Integer(validate=validate.Range(min=1))
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+
+
+class DeadLetterRedrive(DeadLetterFilter):
+    limit = fields.Integer(load_default=1000, validate=validate.Range(min=1, max=10_000))
+
+
+dead_letter_filter = DeadLetterFilter()
+dead_letter_query = DeadLetterQuery()
+dead_letter_redrive = DeadLetterRedrive()

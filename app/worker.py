@@ -30,12 +30,27 @@ def init_app(app: Flask) -> Celery:
             "task": "tasks.stream.trim",
             "schedule": cfg.STREAM_TRIM_SECONDS,
         },
+        "sweep-retries": {
+            "task": "tasks.retries.sweep",
+            "schedule": cfg.RETRY_SWEEP_SECONDS,
+        },
+        "escalate-unacked": {
+            "task": "tasks.escalation.escalate",
+            "schedule": cfg.ESCALATION_SWEEP_SECONDS,
+        },
         "purge-expired-idempotency-keys": {
             "task": "tasks.outbox.purge_idempotency_keys",
             "schedule": 3600.0,
         },
     }
-    celery_app.conf.imports = ("tasks.outbox", "tasks.stream", "tasks.delivery")
+    celery_app.conf.imports = (
+        "tasks.outbox",
+        "tasks.stream",
+        "tasks.delivery",
+        "tasks.channels",
+        "tasks.retries",
+        "tasks.escalation",
+    )
     celery_app.set_default()
     app.extensions["celery"] = celery_app
     return celery_app

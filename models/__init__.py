@@ -4,18 +4,23 @@ from models.api_key import ApiKey
 from models.base import Base
 from models.dead_letter import DeadLetter
 from models.delivery import Delivery, DeliveryStatus
+from models.delivery_attempt import AttemptOutcome, DeliveryAttempt
 from models.idempotency import IdempotencyKey
 from models.notification import Channel, Notification, NotificationStatus, Priority
+from models.user import User
 
 __all__ = [
     "ApiKey",
+    "AttemptOutcome",
     "Base",
     "Channel",
     "DeadLetter",
     "Delivery",
+    "DeliveryAttempt",
     "DeliveryStatus",
     "IdempotencyKey",
     "Notification",
     "NotificationStatus",
     "Priority",
+    "User",
 ]

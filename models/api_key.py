@@ -20,3 +20,6 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(12))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=text("now()"))
     revoked_at: Mapped[datetime | None]
+    # Signs the webhooks of this key's notifications (X-Signature); receivers hold a copy,
+    # so it is kept as is, unlike the key.
+    signing_secret: Mapped[str | None] = mapped_column(String(64))

@@ -29,4 +29,6 @@ class DeadLetter(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
     error: Mapped[str] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(default=0)
+    # The tries behind it: [{attempt, started_at, finished_at, outcome, error}, ...].
+    history: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB)
     redriven_at: Mapped[datetime | None]

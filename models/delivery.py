@@ -10,7 +10,7 @@ import enum
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint, text
+from sqlalchemy import BigInteger, ForeignKey, Index, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, utcnow, value_enum
@@ -41,6 +41,11 @@ class Delivery(Base):
     sent_at: Mapped[datetime | None]
     acked_at: Mapped[datetime | None]
     read_at: Mapped[datetime | None]
+    # Redriving from dead letters starts a new series of tries numbered on from here.
+    series_start: Mapped[int] = mapped_column(default=1, server_default=text("1"))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # In-app copies of notifications with a fallback: when to escalate if still un-acked.
+    escalate_at: Mapped[datetime | None]
 
     __table_args__ = (
         # A replayed stream entry must not create a second copy.
@@ -52,5 +57,10 @@ class Delivery(Base):
             "user_id",
             "id",
             postgresql_where=text("acked_at IS NULL AND channel = 'websocket'"),
+        ),
+        Index(
+            "ix_deliveries_escalate_at",
+            "escalate_at",
+            postgresql_where=text("escalate_at IS NOT NULL"),
         ),
     )

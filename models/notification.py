@@ -65,6 +65,9 @@ class Notification(Base):
     # period are what the outbox sweeper re-streams.
     streamed_at: Mapped[datetime | None]
     api_key_name: Mapped[str | None] = mapped_column(String(100))
+    # Overrides the recipients' own webhook_url for this notification.
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    fallback_after_seconds: Mapped[int | None]
 
     __table_args__ = (
         Index(

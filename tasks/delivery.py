@@ -19,12 +19,17 @@ import redis
 from celery import shared_task
 from flask import current_app
 from sqlalchemy import Engine, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import OperationalError
 
 from app import inbox, presence
-from models import Delivery, DeliveryStatus, Notification
+from app.config import Config
+from models import Channel, DeadLetter, Delivery, DeliveryStatus, Notification
+from tasks import retries
 
 log = logging.getLogger(__name__)
+
+TASK = "tasks.delivery.deliver_websocket"
 
 
 @dataclass
@@ -81,17 +86,69 @@ def deliver_websocket_batch(
     return WebsocketResult(sent=len(sent), offline=len(rows) - len(sent))
 
 
-@shared_task(name="tasks.delivery.deliver_websocket", bind=True, ignore_result=True, max_retries=8)
-def deliver_websocket(self: Any, delivery_ids: list[int]) -> dict[str, int]:
-    cfg = current_app.config["NOTIFIER"]
+@shared_task(name=TASK, ignore_result=True)
+def deliver_websocket(delivery_ids: list[int], attempt: int = 1) -> dict[str, int]:
+    cfg: Config = current_app.config["NOTIFIER"]
+    client: redis.Redis = current_app.extensions["redis"]
     try:
         result = deliver_websocket_batch(
-            current_app.extensions["db.engine"],
-            current_app.extensions["redis"],
-            delivery_ids,
-            cfg.PRESENCE_TTL_SECONDS,
+            current_app.extensions["db.engine"], client, delivery_ids, cfg.PRESENCE_TTL_SECONDS
         )
     except (redis.RedisError, OperationalError) as exc:
-        # Nothing is lost meanwhile: the deliveries stay pending in the offline queue.
-        raise self.retry(exc=exc, countdown=min(2**self.request.retries, 30)) from exc
+        _failed(cfg, delivery_ids, attempt, exc)
+        return {"sent": 0, "offline": 0}
+    if attempt > 1:
+        retries.done(client, TASK, [delivery_ids, attempt])
     return {"sent": result.sent, "offline": result.offline}
+
+
+def _failed(cfg: Config, delivery_ids: list[int], attempt: int, exc: Exception) -> None:
+    """Retry the batch with backoff; after the last try record dead letters.
+
+    The copies stay pending either way, so their users still get them on their next connect:
+    an in-app notification is never dropped, only its live push.
+    """
+    client: redis.Redis = current_app.extensions["redis"]
+    error = f"{type(exc).__name__}: {exc}"[:500]
+    try:
+        if attempt < cfg.RETRY_MAX_ATTEMPTS:
+            delay = retries.retry_delay(cfg, attempt)
+            log.warning(
+                "websocket delivery try %d failed (%s); retry in %.1fs", attempt, error, delay
+            )
+            retries.schedule(client, TASK, [delivery_ids, attempt + 1], delay)
+        else:
+            log.error("websocket delivery failed %d times: %s", attempt, error)
+            _dead_letters(current_app.extensions["db.engine"], delivery_ids, attempt, error)
+        if attempt > 1:
+            retries.done(client, TASK, [delivery_ids, attempt])
+    except (redis.RedisError, OperationalError):
+        # Redis cannot take the retry (or PostgreSQL the dead letters): let the broker hand
+        # this try out again later rather than drop it.
+        log.exception("could not schedule the retry of %d deliveries", len(delivery_ids))
+        raise
+
+
+def _dead_letters(engine: Engine, delivery_ids: list[int], attempts: int, error: str) -> None:
+    with engine.begin() as conn:
+        rows = conn.execute(
+            select(Delivery.id, Delivery.user_id, *inbox.MESSAGE_COLUMNS)
+            .join(Notification, Notification.id == Delivery.notification_id)
+            .where(Delivery.id.in_(delivery_ids), Delivery.acked_at.is_(None))
+        ).all()
+        if rows:
+            conn.execute(
+                pg_insert(DeadLetter),
+                [
+                    {
+                        "source": Channel.WEBSOCKET.value,
+                        "notification_id": r.notification_id,
+                        "delivery_id": r.id,
+                        "user_id": r.user_id,
+                        "payload": orjson.loads(orjson.dumps(inbox.message(r))),
+                        "error": error,
+                        "attempts": attempts,
+                    }
+                    for r in rows
+                ],
+            )

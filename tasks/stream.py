@@ -21,7 +21,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -63,8 +63,11 @@ end
 return 0
 """
 
-# A delivery task message: (lane, delivery ids).
-Enqueue = Callable[[str, list[int]], None]
+# Delivery work for the workers: (lane, delivery ids, channel).
+Enqueue = Callable[[str, list[int], str], None]
+WEBSOCKET = Channel.WEBSOCKET.value
+EXTERNAL = (Channel.WEBHOOK.value, Channel.EMAIL.value)
+CHANNELS = {WEBSOCKET, *EXTERNAL}
 
 
 def lease_key(consumer: str) -> str:
@@ -127,7 +130,7 @@ def process_entries(
     dead = dict(dead or {})
     decoded = [_decode(eid, fields) for eid, fields in entries]
     now = utcnow()
-    rows: list[tuple[uuid.UUID, str]] = []
+    rows: list[tuple[uuid.UUID, str, str, datetime | None]] = []
     priority_of: dict[uuid.UUID, str] = {}
     expired_ids: list[uuid.UUID] = []
     for e in decoded:
@@ -135,39 +138,47 @@ def process_entries(
             dead.setdefault(e.entry_id, e.error or "")
             continue
         nid = uuid.UUID(e.payload["id"])
-        if Channel.WEBSOCKET.value not in e.payload.get("channels", ["websocket"]):
-            continue  # other channels are delivered by their own workers
         if _expired(e.payload, now):
             expired_ids.append(nid)
             continue
         priority_of[nid] = str(e.payload.get("priority", "normal"))
+        channels = [c for c in e.payload.get("channels", [WEBSOCKET]) if c in CHANNELS]
+        fallback = e.payload.get("fallback_after_seconds")
+        escalate_at = now + timedelta(seconds=fallback) if fallback else None
         for user_id in e.payload["recipients"]:
-            rows.append((nid, user_id))
+            for channel in channels:
+                rows.append((nid, user_id, channel, escalate_at if channel == WEBSOCKET else None))
 
-    to_send: list[tuple[int, uuid.UUID]] = []
+    to_send: list[tuple[int, uuid.UUID, str]] = []
     with engine.begin() as conn:
         if rows:
-            # One statement over two arrays: a 10,000-recipient fan-out is one round trip
+            # One statement over four arrays: a 10,000-recipient fan-out is one round trip
             # and no per-row parameter handling.
             inserted = conn.execute(
                 text(
-                    "INSERT INTO deliveries (notification_id, user_id, channel, status) "
-                    "SELECT n, u, 'websocket', 'pending' "
-                    "FROM unnest(CAST(:nids AS uuid[]), CAST(:users AS text[])) AS r(n, u) "
+                    "INSERT INTO deliveries "
+                    "(notification_id, user_id, channel, status, escalate_at) "
+                    "SELECT n, u, c, 'pending', e FROM unnest("
+                    "CAST(:nids AS uuid[]), CAST(:users AS text[]), CAST(:channels AS text[]), "
+                    "CAST(:escalate AS timestamptz[])) AS r(n, u, c, e) "
                     "ON CONFLICT (notification_id, user_id, channel) DO NOTHING "
-                    "RETURNING id, notification_id"
+                    "RETURNING id, notification_id, channel"
                 ),
-                {"nids": [str(n) for n, _ in rows], "users": [u for _, u in rows]},
+                {
+                    "nids": [str(r[0]) for r in rows],
+                    "users": [r[1] for r in rows],
+                    "channels": [r[2] for r in rows],
+                    "escalate": [r[3] for r in rows],
+                },
             )
-            to_send.extend((r.id, r.notification_id) for r in inserted)
+            to_send.extend((r.id, r.notification_id, r.channel) for r in inserted)
             if replay:
-                fresh = {delivery_id for delivery_id, _ in to_send}
+                fresh = {delivery_id for delivery_id, _, _ in to_send}
                 to_send.extend(
                     tuple(row)
                     for row in conn.execute(
-                        select(Delivery.id, Delivery.notification_id).where(
+                        select(Delivery.id, Delivery.notification_id, Delivery.channel).where(
                             Delivery.notification_id.in_(list(priority_of)),
-                            Delivery.channel == Channel.WEBSOCKET.value,
                             Delivery.status == DeliveryStatus.PENDING,
                         )
                     )
@@ -198,13 +209,15 @@ def process_entries(
             )
 
     # Enqueue only after the commit that makes the deliveries visible to the workers.
-    lanes: dict[str, list[int]] = defaultdict(list)
-    for delivery_id, nid in sorted(to_send):
-        lanes[lane_of(priority_of[nid])].append(delivery_id)
-    for lane in ("high", "default", "low"):
-        ids = lanes.get(lane, [])
-        for i in range(0, len(ids), delivery_batch):
-            enqueue(lane, ids[i : i + delivery_batch])
+    lanes: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for delivery_id, nid, channel in sorted(to_send):
+        lanes[(channel, lane_of(priority_of[nid]))].append(delivery_id)
+    for channel in (WEBSOCKET, *EXTERNAL):
+        for lane in ("high", "default", "low"):
+            ids = lanes.get((channel, lane), [])
+            step = delivery_batch if channel == WEBSOCKET else len(ids) or 1
+            for i in range(0, len(ids), step):
+                enqueue(lane, ids[i : i + step], channel)
     return [eid for eid, _ in entries]
 
 
@@ -401,10 +414,19 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-def celery_enqueue(lane: str, delivery_ids: list[int]) -> None:
-    from tasks.delivery import deliver_websocket
+def celery_enqueue(lane: str, delivery_ids: list[int], channel: str = WEBSOCKET) -> None:
+    if channel == WEBSOCKET:
+        from tasks.delivery import deliver_websocket
 
-    deliver_websocket.apply_async(args=[delivery_ids], queue=lane)
+        deliver_websocket.apply_async(args=[delivery_ids], queue=lane)
+        return
+    # One task per try of an external channel, each mirrored in the retry ZSET, so a first
+    # try lost with its broker message is recovered like any retry.
+    from tasks import channels
+
+    attempts = channels.attempts_from_app()
+    for delivery_id in delivery_ids:
+        attempts.schedule(delivery_id, 1, 0.0)
 
 
 def _worker_stopping() -> bool:

@@ -90,6 +90,11 @@ class Platform:
                            "-c", str(concurrency), "-n", f"worker-{uuid.uuid4().hex[:6]}@%h",
                            "--without-gossip", "--without-mingle", "-l", "INFO", **env)  # fmt: skip
 
+    def channels_worker(self, concurrency: int = 4, **env: str) -> subprocess.Popen[bytes]:
+        return self.celery("worker", "-Q", "channels", "-P", "threads",
+                           "-c", str(concurrency), "-n", f"channels-{uuid.uuid4().hex[:6]}@%h",
+                           "--without-gossip", "--without-mingle", "-l", "INFO", **env)  # fmt: skip
+
     def beat(self, **env: str) -> subprocess.Popen[bytes]:
         schedule = self.log_dir / f"beat-{uuid.uuid4().hex[:6]}"
         return self.celery("beat", "-s", str(schedule), "-l", "INFO", **env)
@@ -128,6 +133,19 @@ def post(port: int, path: str, body: Any, headers: dict[str, str] | None = None)
         conn.request("POST", path, body=json.dumps(body),
                      headers={"content-type": "application/json", "x-api-key": API_KEY,
                               **(headers or {})})  # fmt: skip
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, json.loads(data) if data else None
+    finally:
+        conn.close()
+
+
+def put(port: int, path: str, body: Any) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("PUT", path, body=json.dumps(body),
+                     headers={"content-type": "application/json",
+                              "x-api-key": API_KEY})  # fmt: skip
         resp = conn.getresponse()
         data = resp.read()
         return resp.status, json.loads(data) if data else None

@@ -42,7 +42,8 @@ def _record(client, auth, pg, rdb, **fields) -> list[int]:
     r = client.post("/notifications", json={"title": "t", "body": "b", **fields}, headers=auth)
     assert r.status_code == 202, r.json
     ids: list[int] = []
-    process_entries(pg, list(rdb.xrange("notifications:stream")), lambda _, d: ids.extend(d), 100)
+    entries = list(rdb.xrange("notifications:stream"))
+    process_entries(pg, entries, lambda _, d, __: ids.extend(d), 100)
     return ids
 
 

@@ -49,6 +49,7 @@ def test_readme_opens_with_the_two_commands():
         ("web", "api"),
         ("consumer", "stream-consumer"),
         ("worker", "worker"),
+        ("channels", "channels-worker"),
         ("beat", "beat"),
         ("flower", "flower"),
     ],

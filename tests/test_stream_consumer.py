@@ -18,9 +18,13 @@ NOTE = {"title": "t", "body": "b"}
 class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[int]]] = []
+        self.external: list[tuple[str, list[int]]] = []
 
-    def __call__(self, lane: str, ids: list[int]) -> None:
-        self.calls.append((lane, ids))
+    def __call__(self, lane: str, ids: list[int], channel: str = "websocket") -> None:
+        if channel == "websocket":
+            self.calls.append((lane, ids))
+        else:
+            self.external.append((channel, ids))
 
     @property
     def ids(self) -> list[int]:
@@ -95,10 +99,13 @@ def test_expired_notification_is_not_delivered(client, auth, pg, rdb):
         )
 
 
-def test_only_websocket_channel_creates_websocket_deliveries(client, auth, pg, rdb):
-    _post(client, auth, user_id="a", channels=["email"])
-    process_entries(pg, _entries(rdb), Recorder(), delivery_batch=100)
-    assert _deliveries(pg) == 0
+def test_each_requested_channel_gets_its_own_delivery_and_work_item(client, auth, pg, rdb):
+    _post(client, auth, user_ids=["a", "b"], channels=["email", "webhook"])
+    enqueue = Recorder()
+    process_entries(pg, _entries(rdb), enqueue, delivery_batch=100)
+    assert _deliveries(pg) == 4
+    assert enqueue.calls == []  # no in-app copy was asked for
+    assert sorted((c, len(ids)) for c, ids in enqueue.external) == [("email", 2), ("webhook", 2)]
 
 
 @pytest.mark.parametrize(("priority", "lane"), [("high", "high"), ("normal", "default"),

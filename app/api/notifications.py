@@ -99,6 +99,8 @@ def create_notification() -> tuple[Response, int] | Response:
         "send_at": data.get("send_at"),
         "expires_at": data.get("expires_at"),
         "api_key_name": g.client,
+        "webhook_url": data.get("webhook_url"),
+        "fallback_after_seconds": data.get("fallback_after_seconds"),
     }
     answer = {"id": str(notification_id), "status": "queued", "recipients": len(recipients)}
     try:
@@ -165,12 +167,16 @@ def get_notification(notification_id: str) -> Response:
     )
     recorded = sum(counts.values())
     summary = {str(status): count for status, count in counts.items()}
-    summary["queued"] = len(n.recipients) * len(n.channels) - recorded
+    # Fallback deliveries (escalation) are recorded on top of the requested channels.
+    summary["queued"] = max(0, len(n.recipients) * len(n.channels) - recorded)
+    channels = list(dict.fromkeys([*n.channels, *sorted(c for _, c in states)]))
 
     deliveries = []
     for user_id in page:
-        for channel in n.channels:
+        for channel in channels:
             d = states.get((user_id, channel))
+            if d is None and channel not in n.channels:
+                continue
             deliveries.append(
                 {
                     "user_id": user_id,
@@ -179,6 +185,7 @@ def get_notification(notification_id: str) -> Response:
                     "sent_at": _iso(d.sent_at) if d else None,
                     "acked_at": _iso(d.acked_at) if d else None,
                     "read_at": _iso(d.read_at) if d else None,
+                    "last_error": d.last_error if d else None,
                 }
             )
     next_offset = offset + limit if offset + limit < len(n.recipients) else None
@@ -200,6 +207,8 @@ def get_notification(notification_id: str) -> Response:
             "channels": n.channels,
             "send_at": _iso(n.send_at),
             "expires_at": _iso(n.expires_at),
+            "webhook_url": n.webhook_url,
+            "fallback_after_seconds": n.fallback_after_seconds,
             "delivery_summary": summary,
             "deliveries": deliveries,
             "next_offset": next_offset,

@@ -1,0 +1,316 @@
+"""Webhook and email deliveries: one try per task, every try a row, retries, dead letters.
+
+A try runs in three steps:
+1. claim: insert its (delivery, channel, attempt) row, committed before anything is sent.
+   A copy of the task that finds the row already there sends nothing: the try finished
+   (make sure its follow-up is scheduled), is running elsewhere (leave it), or started
+   longer than ATTEMPT_LEASE_SECONDS ago without finishing, so its worker died: that try
+   is recorded as lost and the next one is scheduled, never the same one again;
+2. send, outside any transaction;
+3. record the outcome, and after that commit schedule the next try or write the dead
+   letter, then drop the try's mirror in the retry ZSET.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import redis
+from celery import shared_task
+from flask import current_app
+from sqlalchemy import Engine, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from app.config import Config
+from models import (
+    AttemptOutcome,
+    Channel,
+    DeadLetter,
+    Delivery,
+    DeliveryAttempt,
+    DeliveryStatus,
+    Notification,
+    User,
+)
+from models.base import utcnow
+from tasks import retries
+from tasks.email import SmtpServer, compose, send_email
+from tasks.outcome import Outcome
+from tasks.webhook import post_webhook, signing_secret
+
+log = logging.getLogger(__name__)
+
+TASK = "tasks.channels.deliver"
+EXTERNAL = (Channel.WEBHOOK.value, Channel.EMAIL.value)
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything one try needs, read in the claim transaction."""
+
+    delivery_id: int
+    channel: str
+    attempt: int
+    user_id: str
+    address: str
+    payload: dict[str, Any]
+    secret: str
+
+
+Sender = Callable[[Job, Config], Outcome]
+
+
+def send_job(job: Job, cfg: Config) -> Outcome:
+    if job.channel == Channel.WEBHOOK.value:
+        return post_webhook(
+            job.address,
+            job.payload,
+            job.secret,
+            idempotency_key=f"{job.payload['id']}:{job.delivery_id}",
+            attempt=job.attempt,
+            timeout=cfg.WEBHOOK_TIMEOUT_SECONDS,
+        )
+    msg = compose(
+        cfg.EMAIL_FROM,
+        job.address,
+        job.payload,
+        message_id=f"<{job.payload['id']}.{job.delivery_id}@notifier>",
+    )
+    return send_email(SmtpServer.from_url(cfg.SMTP_URL), msg, cfg.SMTP_TIMEOUT_SECONDS)
+
+
+def payload_of(n: Notification, user_id: str, channel: str) -> dict[str, Any]:
+    return {
+        "id": str(n.id),
+        "user_id": user_id,
+        "channel": channel,
+        "title": n.title,
+        "body": n.body,
+        "data": n.data,
+        "priority": str(n.priority),
+        "category": n.category,
+        "lang": n.lang,
+        "created_at": n.created_at.isoformat(),
+    }
+
+
+@dataclass
+class Result:
+    state: str  # sent | retry | failed | skipped | done | running | lost
+    next_attempt: int | None = None
+    delay: float | None = None
+
+
+class Attempts:
+    """Runs tries of external-channel deliveries against one engine and Redis."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        engine: Engine,
+        client: redis.Redis,
+        sender: Sender = send_job,
+        send: retries.Send = retries.celery_send,
+    ) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.redis = client
+        self.sender = sender
+        self.send = send
+
+    def schedule(self, delivery_id: int, attempt: int, delay: float) -> None:
+        retries.schedule(self.redis, TASK, [delivery_id, attempt], delay, self.send)
+
+    def run(self, delivery_id: int, attempt: int) -> Result:
+        result, job = self._claim(delivery_id, attempt)
+        if job is not None:
+            outcome = self.sender(job, self.cfg)
+            result = self._finish(job, outcome)
+        if result.next_attempt is not None:
+            self.schedule(delivery_id, result.next_attempt, result.delay or 0.0)
+        if result.state != "running":
+            retries.done(self.redis, TASK, [delivery_id, attempt])
+        return result
+
+    # -- step 1 ---------------------------------------------------------------------------
+
+    def _claim(self, delivery_id: int, attempt: int) -> tuple[Result, Job | None]:
+        now = utcnow()
+        with Session(self.engine) as db, db.begin():
+            row = db.execute(
+                select(Delivery, Notification)
+                .join(Notification, Notification.id == Delivery.notification_id)
+                .where(Delivery.id == delivery_id)
+            ).first()
+            if row is None:
+                return Result("done"), None
+            d, n = row
+            if d.status != DeliveryStatus.PENDING or attempt < d.series_start:
+                return Result("done"), None
+            claimed = db.scalar(
+                pg_insert(DeliveryAttempt)
+                .values(delivery_id=d.id, channel=d.channel, attempt=attempt, started_at=now)
+                .on_conflict_do_nothing()
+                .returning(DeliveryAttempt.id)
+            )
+            if claimed is None:
+                return self._already_claimed(db, d, attempt, now), None
+            address = self._address(db, d, n)
+            if address is None:
+                what = "email address" if d.channel == Channel.EMAIL.value else "webhook_url"
+                error = f"user {d.user_id!r} has no {what}"
+                self._close_attempt(db, d.id, attempt, AttemptOutcome.FAILED, error, now)
+                db.execute(
+                    update(Delivery)
+                    .where(Delivery.id == d.id)
+                    .values(status=DeliveryStatus.SKIPPED, last_error=error)
+                )
+                return Result("skipped"), None
+            secret = signing_secret(db, self.cfg, n.api_key_name)
+            job = Job(
+                d.id, d.channel, attempt, d.user_id, address,
+                payload_of(n, d.user_id, d.channel), secret,
+            )  # fmt: skip
+        return Result("claimed"), job
+
+    def _address(self, db: Session, d: Delivery, n: Notification) -> str | None:
+        user = db.get(User, d.user_id)
+        if d.channel == Channel.WEBHOOK.value:
+            return n.webhook_url or (user.webhook_url if user else None)
+        return user.email if user else None
+
+    def _already_claimed(self, db: Session, d: Delivery, attempt: int, now: datetime) -> Result:
+        prev = db.execute(
+            select(DeliveryAttempt).where(
+                DeliveryAttempt.delivery_id == d.id,
+                DeliveryAttempt.channel == d.channel,
+                DeliveryAttempt.attempt == attempt,
+            )
+        ).scalar_one()
+        if prev.finished_at is not None:
+            if prev.outcome in (AttemptOutcome.RETRY, AttemptOutcome.LOST):
+                # Crashed between recording the try and scheduling the next: schedule it now
+                # (a second copy of the next try is harmless).
+                due = prev.next_retry_at or now
+                return Result("done", attempt + 1, max(0.0, (due - now).total_seconds()))
+            return Result("done")
+        if prev.started_at > now - timedelta(seconds=self.cfg.ATTEMPT_LEASE_SECONDS):
+            return Result("running")
+        error = "the worker running this try was lost before it finished"
+        log.warning("delivery %s try %s: %s", d.id, attempt, error)
+        return self._after_failure(db, d, attempt, Outcome.retry(error), now, AttemptOutcome.LOST)
+
+    # -- step 3 ---------------------------------------------------------------------------
+
+    def _finish(self, job: Job, outcome: Outcome) -> Result:
+        now = utcnow()
+        with Session(self.engine) as db, db.begin():
+            d = db.get(Delivery, job.delivery_id)
+            assert d is not None
+            if outcome.ok:
+                self._close_attempt(db, d.id, job.attempt, AttemptOutcome.SUCCESS, None, now)
+                db.execute(
+                    update(Delivery)
+                    .where(Delivery.id == d.id)
+                    .values(status=DeliveryStatus.SENT, sent_at=now, last_error=None)
+                )
+                return Result("sent")
+            return self._after_failure(db, d, job.attempt, outcome, now, None)
+
+    def _after_failure(
+        self,
+        db: Session,
+        d: Delivery,
+        attempt: int,
+        outcome: Outcome,
+        now: datetime,
+        as_outcome: AttemptOutcome | None,
+    ) -> Result:
+        tries = attempt - d.series_start + 1
+        if outcome.retryable and tries < self.cfg.RETRY_MAX_ATTEMPTS:
+            delay = retries.retry_delay(self.cfg, tries, outcome.retry_after)
+            self._close_attempt(
+                db, d.id, attempt, as_outcome or AttemptOutcome.RETRY, outcome.error, now,
+                next_retry_at=now + timedelta(seconds=delay),
+            )  # fmt: skip
+            db.execute(update(Delivery).where(Delivery.id == d.id).values(last_error=outcome.error))
+            return Result("lost" if as_outcome else "retry", attempt + 1, delay)
+        self._close_attempt(
+            db, d.id, attempt, as_outcome or AttemptOutcome.FAILED, outcome.error, now
+        )
+        db.execute(
+            update(Delivery)
+            .where(Delivery.id == d.id)
+            .values(status=DeliveryStatus.FAILED, last_error=outcome.error)
+        )
+        dead_letter(db, d, outcome.error or "failed")
+        return Result("failed")
+
+    @staticmethod
+    def _close_attempt(
+        db: Session,
+        delivery_id: int,
+        attempt: int,
+        outcome: AttemptOutcome,
+        error: str | None,
+        now: datetime,
+        next_retry_at: datetime | None = None,
+    ) -> None:
+        db.execute(
+            update(DeliveryAttempt)
+            .where(DeliveryAttempt.delivery_id == delivery_id, DeliveryAttempt.attempt == attempt)
+            .values(finished_at=now, outcome=outcome, error=error, next_retry_at=next_retry_at)
+        )
+
+
+def dead_letter(db: Session, d: Delivery, error: str) -> None:
+    """Copy a delivery that failed for good to the dead letters, with this series' tries."""
+    n = db.get(Notification, d.notification_id)
+    assert n is not None
+    history = [
+        {
+            "attempt": a.attempt,
+            "started_at": a.started_at.isoformat(),
+            "finished_at": a.finished_at.isoformat() if a.finished_at else None,
+            "outcome": str(a.outcome) if a.outcome else None,
+            "error": a.error,
+        }
+        for a in db.execute(
+            select(DeliveryAttempt)
+            .where(
+                DeliveryAttempt.delivery_id == d.id,
+                DeliveryAttempt.attempt >= d.series_start,
+            )
+            .order_by(DeliveryAttempt.attempt)
+        ).scalars()
+    ]
+    db.execute(
+        pg_insert(DeadLetter).values(
+            source=d.channel,
+            notification_id=d.notification_id,
+            delivery_id=d.id,
+            user_id=d.user_id,
+            payload=payload_of(n, d.user_id, d.channel),
+            error=error,
+            attempts=len(history),
+            history=history,
+        )
+    )
+
+
+def attempts_from_app() -> Attempts:
+    return Attempts(
+        current_app.config["NOTIFIER"],
+        current_app.extensions["db.engine"],
+        current_app.extensions["redis"],
+    )
+
+
+@shared_task(name=TASK, ignore_result=True)
+def deliver(delivery_id: int, attempt: int = 1) -> str:
+    return attempts_from_app().run(delivery_id, attempt).state
