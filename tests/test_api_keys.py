@@ -19,7 +19,7 @@ def test_generated_keys_are_unique_and_prefixed():
 
 def test_created_key_is_stored_hashed_and_accepted(app, client, pg):
     result = app.test_cli_runner().invoke(args=["keys", "create", "shop"])
-    key = result.output.strip()
+    key = result.stdout.strip()
 
     assert result.exit_code == 0
     with pg.connect() as conn:
@@ -32,7 +32,7 @@ def test_created_key_is_stored_hashed_and_accepted(app, client, pg):
 
 def test_revoked_key_is_rejected(app, client):
     runner = app.test_cli_runner()
-    key = runner.invoke(args=["keys", "create", "shop"]).output.strip()
+    key = runner.invoke(args=["keys", "create", "shop"]).stdout.strip()
     assert client.post("/notifications", json=NOTE, headers={"x-api-key": key}).status_code == 202
 
     revoked = runner.invoke(args=["keys", "revoke", "shop"])
@@ -45,7 +45,7 @@ def test_revoked_key_is_rejected(app, client):
 
 def test_keys_list_shows_prefix_and_revocation_but_not_the_key(app):
     runner = app.test_cli_runner()
-    key = runner.invoke(args=["keys", "create", "shop"]).output.strip()
+    key = runner.invoke(args=["keys", "create", "shop"]).stdout.strip()
     runner.invoke(args=["keys", "revoke", "shop"])
 
     listing = runner.invoke(args=["keys", "list"]).output
@@ -67,3 +67,16 @@ def test_duplicate_key_name_and_unknown_revoke_fail_cleanly(app):
 def test_env_api_key_is_accepted(client):
     r = client.post("/notifications", json=NOTE, headers={"x-api-key": "test-api-key"})
     assert r.status_code == 202
+
+
+def test_each_created_key_signs_webhooks_with_its_own_secret(app, pg):
+    from sqlalchemy.orm import Session
+
+    from tasks.webhook import env_signing_secret, signing_secret
+
+    result = app.test_cli_runner().invoke(args=["keys", "create", "shop"])
+    secret = result.stderr.strip().rsplit(" ", 1)[-1]
+    cfg = app.config["NOTIFIER"]
+    with Session(pg) as session:
+        assert signing_secret(session, cfg, "shop") == secret
+        assert signing_secret(session, cfg, "env") == env_signing_secret(cfg) != secret

@@ -47,7 +47,7 @@ def test_key_older_than_24h_is_forgotten(client, auth, pg):
 
 
 def test_keys_are_scoped_per_api_key(client, auth, app, pg):
-    other_key = app.test_cli_runner().invoke(args=["keys", "create", "billing"]).output.strip()
+    other_key = app.test_cli_runner().invoke(args=["keys", "create", "billing"]).stdout.strip()
     first = client.post("/notifications", json=NOTE, headers={**auth, "Idempotency-Key": "k"})
     second = client.post(
         "/notifications", json=NOTE, headers={"x-api-key": other_key, "Idempotency-Key": "k"}
