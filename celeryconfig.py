@@ -22,9 +22,7 @@ broker_transport_options = {"visibility_timeout": 3600, "queue_order_strategy": 
 task_default_queue = "default"
 # "channels" (webhook, email) has its own worker: a slow or failing receiver ties up only
 # those threads, never the ones pushing to sockets.
-task_queues = (
-    Queue("default"), Queue("high"), Queue("low"), Queue("stream"), Queue("channels")
-)
+task_queues = (Queue("default"), Queue("high"), Queue("low"), Queue("stream"), Queue("channels"))
 task_routes = {
     "tasks.stream.consume_stream": {"queue": "stream"},
     "tasks.stream.watchdog": {"queue": "high"},
