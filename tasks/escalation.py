@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from models import Channel, Delivery, Notification, User
 from models.base import utcnow
 from tasks.channels import attempts_from_app
+from tasks.stream import record_deliveries
 
 BATCH = 1000
 
@@ -64,21 +65,7 @@ def escalate_due(engine: Engine, now: datetime, batch: int = BATCH) -> list[int]
                 rows.append((nid, user_id, Channel.WEBHOOK.value))
         if not rows:
             return []
-        return list(
-            db.execute(
-                text(
-                    "INSERT INTO deliveries (notification_id, user_id, channel, status) "
-                    "SELECT n, u, c, 'pending' FROM unnest(CAST(:nids AS uuid[]), "
-                    "CAST(:users AS text[]), CAST(:channels AS text[])) AS r(n, u, c) "
-                    "ON CONFLICT (notification_id, user_id, channel) DO NOTHING RETURNING id"
-                ),
-                {
-                    "nids": [str(r[0]) for r in rows],
-                    "users": [r[1] for r in rows],
-                    "channels": [r[2] for r in rows],
-                },
-            ).scalars()
-        )
+        return [r.id for r in record_deliveries(db, [(n, u, c, None) for n, u, c in rows])]
 
 
 @shared_task(name="tasks.escalation.escalate", ignore_result=True)

@@ -28,9 +28,10 @@ import orjson
 import redis
 from celery import shared_task
 from flask import current_app
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Connection, Engine, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
 from app.config import Config
 from models import Channel, DeadLetter, Delivery, DeliveryStatus, Notification, NotificationStatus
@@ -112,6 +113,34 @@ def _expired(payload: dict[str, Any], now: datetime) -> bool:
     return bool(expires_at) and datetime.fromisoformat(expires_at) <= now
 
 
+def record_deliveries(
+    conn: Connection | Session, rows: list[tuple[uuid.UUID, str, str, datetime | None]]
+) -> list[Any]:
+    """Insert pending deliveries (notification, user, channel, escalate_at), skipping ones
+    that exist; returns (id, notification_id, channel) of those inserted."""
+    # One statement over four arrays: a 10,000-recipient fan-out is one round trip and no
+    # per-row parameter handling.
+    return list(
+        conn.execute(
+            text(
+                "INSERT INTO deliveries "
+                "(notification_id, user_id, channel, status, escalate_at) "
+                "SELECT n, u, c, 'pending', e FROM unnest("
+                "CAST(:nids AS uuid[]), CAST(:users AS text[]), CAST(:channels AS text[]), "
+                "CAST(:escalate AS timestamptz[])) AS r(n, u, c, e) "
+                "ON CONFLICT (notification_id, user_id, channel) DO NOTHING "
+                "RETURNING id, notification_id, channel"
+            ),
+            {
+                "nids": [str(r[0]) for r in rows],
+                "users": [r[1] for r in rows],
+                "channels": [r[2] for r in rows],
+                "escalate": [r[3] for r in rows],
+            },
+        )
+    )
+
+
 def process_entries(
     engine: Engine,
     entries: list[tuple[str, dict[str, str]]],
@@ -152,25 +181,7 @@ def process_entries(
     to_send: list[tuple[int, uuid.UUID, str]] = []
     with engine.begin() as conn:
         if rows:
-            # One statement over four arrays: a 10,000-recipient fan-out is one round trip
-            # and no per-row parameter handling.
-            inserted = conn.execute(
-                text(
-                    "INSERT INTO deliveries "
-                    "(notification_id, user_id, channel, status, escalate_at) "
-                    "SELECT n, u, c, 'pending', e FROM unnest("
-                    "CAST(:nids AS uuid[]), CAST(:users AS text[]), CAST(:channels AS text[]), "
-                    "CAST(:escalate AS timestamptz[])) AS r(n, u, c, e) "
-                    "ON CONFLICT (notification_id, user_id, channel) DO NOTHING "
-                    "RETURNING id, notification_id, channel"
-                ),
-                {
-                    "nids": [str(r[0]) for r in rows],
-                    "users": [r[1] for r in rows],
-                    "channels": [r[2] for r in rows],
-                    "escalate": [r[3] for r in rows],
-                },
-            )
+            inserted = record_deliveries(conn, rows)
             to_send.extend((r.id, r.notification_id, r.channel) for r in inserted)
             if replay:
                 fresh = {delivery_id for delivery_id, _, _ in to_send}
