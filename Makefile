@@ -53,3 +53,11 @@ bench-ingest: venv services ## Ingest benchmark on an API it starts (BASE_URL=..
 .PHONY: bench-delivery
 bench-delivery: venv services ## Delivery benchmarks on a platform they start (SCENARIOS="latency fanout ...")
 	$(BIN)/python scripts/bench_delivery.py $(SCENARIOS) --json var/bench-delivery.json
+
+.PHONY: bench
+bench: venv services ## Every benchmark on platforms it starts; writes the report to docs/BENCHMARKS.md
+	$(BIN)/python scripts/bench.py
+
+.PHONY: k6
+k6: venv services ## The four k6 load tests (on a platform it starts; BASE_URL=... for a running one)
+	$(BIN)/python scripts/k6/run.py $(K6_ARGS) $(if $(BASE_URL),--base-url $(BASE_URL))

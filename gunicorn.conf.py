@@ -1,6 +1,8 @@
 """gunicorn settings for the API and WebSocket gateway (`gunicorn -c gunicorn.conf.py wsgi:app`)."""
 
 import os
+import shutil
+import tempfile
 
 bind = f"{os.environ.get('BIND_HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 # gevent: each socket is a greenlet, so one process holds thousands of idle WebSockets.
@@ -14,3 +16,52 @@ graceful_timeout = 10
 accesslog = os.environ.get("ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+
+# prometheus_client's multiprocess mode: every worker writes its metrics to files in one
+# directory, which /metrics in any worker sums. It must be set before a worker imports
+# prometheus_client; a fresh directory per server start keeps dead runs out of the sums.
+_OWN_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _OWN_METRICS_DIR:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="notifier-metrics-")
+
+if os.environ.get("LOG_FORMAT", "text") == "json":
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "app.logs.JsonFormatter"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"level": "INFO", "handlers": ["stderr"]},
+        "loggers": {
+            "gunicorn.error": {
+                "level": loglevel.upper(),
+                "handlers": ["stderr"],
+                "propagate": False,
+            },
+            "gunicorn.access": {"level": "INFO", "handlers": ["stderr"], "propagate": False},
+        },
+    }
+
+
+def on_starting(server):
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    if not _OWN_METRICS_DIR and os.path.isdir(path):
+        for name in os.listdir(path):
+            os.remove(os.path.join(path, name))
+    os.makedirs(path, exist_ok=True)
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _OWN_METRICS_DIR:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
 from flask import Flask
 
+from app import logs
 from app.config import Config
 
 
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     """Build the Flask app; `overrides` replace settings read from the environment."""
     cfg = Config.from_env(overrides=overrides)
-    logging.basicConfig(
-        level=cfg.LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logs.configure(cfg.LOG_LEVEL, cfg.LOG_FORMAT)
 
     app = Flask(__name__)
     app.config["NOTIFIER"] = cfg
@@ -47,9 +45,10 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     )
 
     from app import gateway
-    from app.api import dlq, health, inbox, notifications, tokens, users
+    from app.api import dlq, health, inbox, metrics, notifications, tokens, users
 
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
     app.register_blueprint(notifications.bp)
     app.register_blueprint(inbox.bp)
     app.register_blueprint(tokens.bp)

@@ -133,7 +133,10 @@ class Config:
         5.0, "Beat interval of the check for un-acked notifications due for fallback."
     )
 
-    LOG_LEVEL: str = setting("INFO", "Root log level.")
+    LOG_LEVEL: str = setting(
+        "INFO", "Level of the platform's own loggers; DEBUG adds a line per notification per step."
+    )
+    LOG_FORMAT: str = setting("text", "`text`, or `json` for one JSON object per line.")
 
     @classmethod
     def from_env(

@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import uuid
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -27,7 +28,7 @@ from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 from wsproto.events import Ping
 
-from app import inbox, presence
+from app import inbox, metrics, presence
 from app.auth import authenticate_api_key, bearer_token
 from app.redis_client import make_redis
 from app.tokens import InvalidToken, verify
@@ -71,22 +72,36 @@ class Socket:
         self.outbox.append(message)
         self.ws.event.set()
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: dict[str, Any]) -> bool:
+        """Write one message; False when it is a notification this socket already had."""
         if message is PING:
             self.ws.sock.send(self.ws.ws.send(Ping()))
-            return
+            return True
         if message is CLOSE_NO_PONG:
             self.ws.close(reason=1008, message="no pong to the last ping")
-            return
+            return True
         if message.get("type") == "notification":
             nid = message["id"]
             if nid in self.sent:
-                return
+                return False
             self.sent.add(nid)
             self.sent_order.append(nid)
             if len(self.sent_order) > SENT_IDS_KEPT:
                 self.sent.discard(self.sent_order.popleft())
         self.ws.send(orjson.dumps(message).decode())
+        return True
+
+    def send_live(self, message: dict[str, Any]) -> None:
+        """Write a message that came through Pub/Sub, timing notifications from acceptance."""
+        if not self.send(message) or message.get("type") != "notification":
+            return
+        created = datetime.fromisoformat(message["created_at"]).timestamp()
+        metrics.delivery_latency.observe(max(0.0, time.time() - created))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "sent to socket",
+                extra={"notification_id": message["id"], "user_id": self.user_id},
+            )
 
 
 class Hub:
@@ -133,14 +148,16 @@ class Hub:
 
     def add(self, s: Socket) -> None:
         self._sockets[s.user_id].add(s)
+        metrics.open_sockets.inc()
         assert self.redis is not None
         presence.mark_online(self.redis, self.node_id, [s.user_id], self._presence_ttl)
 
     def remove(self, s: Socket) -> None:
         users = self._sockets.get(s.user_id)
-        if users is None:
+        if users is None or s not in users:
             return
         users.discard(s)
+        metrics.open_sockets.dec()
         if not users:
             del self._sockets[s.user_id]
             try:
@@ -313,7 +330,7 @@ def _serve(s: Socket, hub: Hub) -> None:
             if message is RESYNC:
                 _replay(s)
             else:
-                s.send(message)
+                s.send_live(message)
         if ws.input_buffer:
             if not _handle_frame(s, hub, ws.input_buffer.pop(0)):
                 return

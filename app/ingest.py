@@ -26,6 +26,7 @@ import redis
 from sqlalchemy import Engine, insert, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from app import metrics
 from app.stream import entry_fields
 from models import IdempotencyKey, Notification
 from models.base import utcnow
@@ -257,7 +258,8 @@ class IngestWriter:
             pipe = self._redis.pipeline(transaction=False)
             for pending in fresh:
                 pipe.xadd(self._stream_key, entry_fields(pending.row))
-            results = pipe.execute(raise_on_error=False)
+            metrics.count(pipe, "notifications_accepted", n=len(fresh))
+            results = pipe.execute(raise_on_error=False)[: len(fresh)]
         except redis.RedisError:
             log.warning(
                 "XADD of %d notifications failed; the outbox sweeper will retry", len(fresh)
@@ -269,6 +271,15 @@ class IngestWriter:
                 log.warning("XADD of %s failed: %s", pending.row["id"], result)
             else:
                 streamed.append(pending.row["id"])
+        if log.isEnabledFor(logging.DEBUG):
+            for pending in fresh:
+                log.debug(
+                    "notification accepted",
+                    extra={
+                        "notification_id": str(pending.row["id"]),
+                        "recipients": len(pending.row.get("recipients") or ()),
+                    },
+                )
         return streamed
 
     @staticmethod

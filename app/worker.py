@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery, Task
+from celery.signals import setup_logging
 from flask import Flask
+
+from app import logs
 
 
 def init_app(app: Flask) -> Celery:
@@ -13,6 +18,13 @@ def init_app(app: Flask) -> Celery:
         def __call__(self, *args: object, **kwargs: object) -> object:
             with app.app_context():
                 return self.run(*args, **kwargs)
+
+    def _setup_logging(loglevel: Any = None, **_: Any) -> None:
+        # Connected, this replaces Celery's own root-logger setup: the same format as the API,
+        # Celery's `-l` for everything else, LOG_LEVEL for the platform's loggers.
+        logs.configure(cfg.LOG_LEVEL, cfg.LOG_FORMAT, root_level=loglevel or "INFO")
+
+    setup_logging.connect(_setup_logging, weak=False, dispatch_uid="notifier-logging")
 
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object("celeryconfig")

@@ -138,10 +138,17 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-def k6(script: str, **env: Any) -> dict[str, Any]:
+# The latency scenario's every sample, for the report's plot (scripts/bench.py).
+LATENCY_CSV = ROOT / "var" / "latency-samples.csv"
+
+
+def k6(script: str, csv: Path | None = None, **env: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         summary = Path(tmp) / "summary.json"
         cmd = [str(BIN / "k6"), "run", "--quiet", "--summary-export", str(summary)]
+        if csv is not None:
+            csv.parent.mkdir(parents=True, exist_ok=True)
+            cmd += ["--out", f"csv={csv}"]
         for key, value in {"BASE_URL": f"http://127.0.0.1:{PORT}", "API_KEY": API_KEY,
                            **env}.items():  # fmt: skip
             cmd += ["-e", f"{key}={value}"]
@@ -185,7 +192,7 @@ class BacklogSampler:
 
 def scenario_latency() -> list[dict[str, Any]]:
     with Platform():
-        s = k6("delivery.js", RATE=500, DURATION="30s", USERS=200)
+        s = k6("delivery.js", csv=LATENCY_CSV, RATE=500, DURATION="30s", USERS=200)
     return [{
         "scenario": "POST-to-socket latency at 500 notifications/s (200 sockets)",
         "figure": f"p50 {metric(s, 'post_to_socket_ms', 'p(50)'):.0f} ms, "

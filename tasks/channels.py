@@ -26,6 +26,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
+from app import metrics
 from app.config import Config
 from models import (
     AttemptOutcome,
@@ -104,6 +105,12 @@ class Result:
     state: str  # sent | retry | failed | skipped | done | running | lost
     next_attempt: int | None = None
     delay: float | None = None
+    # Set when a try ended: what the metrics and logs file it under.
+    channel: str | None = None
+    notification_id: str | None = None
+
+
+COUNTED = {"sent", "retry", "failed", "skipped", "lost"}
 
 
 class Attempts:
@@ -135,7 +142,34 @@ class Attempts:
             self.schedule(delivery_id, result.next_attempt, result.delay or 0.0)
         if result.state != "running":
             retries.done(self.redis, TASK, [delivery_id, attempt])
+        self._count(delivery_id, attempt, result)
         return result
+
+    def _count(self, delivery_id: int, attempt: int, result: Result) -> None:
+        if result.state not in COUNTED or result.channel is None:
+            return
+        retried = result.next_attempt is not None
+        metrics.count_many(
+            self.redis,
+            [
+                ("deliveries", (result.channel, result.state), 1),
+                ("retries_scheduled", (result.channel,), int(retried)),
+                ("dead_letters", (result.channel,), int(result.state == "failed")),
+            ],
+        )
+        levels = {"sent": logging.DEBUG, "skipped": logging.INFO, "failed": logging.WARNING}
+        log.log(
+            levels.get(result.state, logging.INFO),
+            "%s try %d: %s",
+            result.channel,
+            attempt,
+            result.state,
+            extra={
+                "notification_id": result.notification_id,
+                "delivery_id": delivery_id,
+                "channel": result.channel,
+            },
+        )
 
     # -- step 1 ---------------------------------------------------------------------------
 
@@ -170,7 +204,9 @@ class Attempts:
                     .where(Delivery.id == d.id)
                     .values(status=DeliveryStatus.SKIPPED, last_error=error)
                 )
-                return Result("skipped"), None
+                return Result(
+                    "skipped", channel=d.channel, notification_id=str(d.notification_id)
+                ), None
             secret = signing_secret(db, self.cfg, n.api_key_name)
             job = Job(
                 d.id, d.channel, attempt, d.user_id, address,
@@ -219,7 +255,7 @@ class Attempts:
                     .where(Delivery.id == d.id)
                     .values(status=DeliveryStatus.SENT, sent_at=now, last_error=None)
                 )
-                return Result("sent")
+                return Result("sent", channel=d.channel, notification_id=str(d.notification_id))
             return self._after_failure(db, d, job.attempt, outcome, now, None)
 
     def _after_failure(
@@ -239,7 +275,10 @@ class Attempts:
                 next_retry_at=now + timedelta(seconds=delay),
             )  # fmt: skip
             db.execute(update(Delivery).where(Delivery.id == d.id).values(last_error=outcome.error))
-            return Result("lost" if as_outcome else "retry", attempt + 1, delay)
+            return Result(
+                "lost" if as_outcome else "retry", attempt + 1, delay, d.channel,
+                str(d.notification_id),
+            )  # fmt: skip
         self._close_attempt(
             db, d.id, attempt, as_outcome or AttemptOutcome.FAILED, outcome.error, now
         )
@@ -249,7 +288,7 @@ class Attempts:
             .values(status=DeliveryStatus.FAILED, last_error=outcome.error)
         )
         dead_letter(db, d, outcome.error or "failed")
-        return Result("failed")
+        return Result("failed", channel=d.channel, notification_id=str(d.notification_id))
 
     @staticmethod
     def _close_attempt(

@@ -22,7 +22,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import OperationalError
 
-from app import inbox, presence
+from app import inbox, metrics, presence
 from app.config import Config
 from models import Channel, DeadLetter, Delivery, DeliveryStatus, Notification
 from tasks import retries
@@ -30,6 +30,7 @@ from tasks import retries
 log = logging.getLogger(__name__)
 
 TASK = "tasks.delivery.deliver_websocket"
+WEBSOCKET = Channel.WEBSOCKET.value
 
 
 @dataclass
@@ -83,6 +84,14 @@ def deliver_websocket_batch(
     sent = sorted({r.id for key, n in zip(keys, receivers, strict=True) if n for r in targets[key]})
     if sent:
         inbox.mark_sent(engine, sent)
+    if log.isEnabledFor(logging.DEBUG):
+        published = set(sent)
+        for row in rows:
+            log.debug(
+                "published to the user's gateway" if row.id in published else "left offline",
+                extra={"notification_id": str(row.notification_id), "user_id": row.user_id,
+                       "delivery_id": row.id},
+            )  # fmt: skip
     return WebsocketResult(sent=len(sent), offline=len(rows) - len(sent))
 
 
@@ -99,6 +108,13 @@ def deliver_websocket(delivery_ids: list[int], attempt: int = 1) -> dict[str, in
         return {"sent": 0, "offline": 0}
     if attempt > 1:
         retries.done(client, TASK, [delivery_ids, attempt])
+    metrics.count_many(
+        client,
+        [
+            ("deliveries", (WEBSOCKET, "sent"), result.sent),
+            ("deliveries", (WEBSOCKET, "offline"), result.offline),
+        ],
+    )
     return {"sent": result.sent, "offline": result.offline}
 
 
@@ -117,9 +133,23 @@ def _failed(cfg: Config, delivery_ids: list[int], attempt: int, exc: Exception) 
                 "websocket delivery try %d failed (%s); retry in %.1fs", attempt, error, delay
             )
             retries.schedule(client, TASK, [delivery_ids, attempt + 1], delay)
+            metrics.count_many(
+                client,
+                [
+                    ("deliveries", (WEBSOCKET, "retry"), len(delivery_ids)),
+                    ("retries_scheduled", (WEBSOCKET,), len(delivery_ids)),
+                ],
+            )
         else:
             log.error("websocket delivery failed %d times: %s", attempt, error)
-            _dead_letters(current_app.extensions["db.engine"], delivery_ids, attempt, error)
+            dead = _dead_letters(current_app.extensions["db.engine"], delivery_ids, attempt, error)
+            metrics.count_many(
+                client,
+                [
+                    ("deliveries", (WEBSOCKET, "failed"), len(delivery_ids)),
+                    ("dead_letters", (WEBSOCKET,), dead),
+                ],
+            )
         if attempt > 1:
             retries.done(client, TASK, [delivery_ids, attempt])
     except (redis.RedisError, OperationalError):
@@ -129,7 +159,7 @@ def _failed(cfg: Config, delivery_ids: list[int], attempt: int, exc: Exception) 
         raise
 
 
-def _dead_letters(engine: Engine, delivery_ids: list[int], attempts: int, error: str) -> None:
+def _dead_letters(engine: Engine, delivery_ids: list[int], attempts: int, error: str) -> int:
     with engine.begin() as conn:
         rows = conn.execute(
             select(Delivery.id, Delivery.user_id, *inbox.MESSAGE_COLUMNS)
@@ -152,3 +182,4 @@ def _dead_letters(engine: Engine, delivery_ids: list[int], attempts: int, error:
                     for r in rows
                 ],
             )
+    return len(rows)

@@ -21,6 +21,7 @@ import redis
 from celery import shared_task
 from flask import current_app
 
+from app import metrics
 from app.config import Config
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ def sweep(client: redis.Redis, grace: float, rearm: float, send: Send = celery_s
         send(spec["task"], spec["args"], 0)
     if overdue:
         log.warning("retry sweeper re-enqueued %d overdue tries", len(overdue))
+        metrics.count(client, "retries_swept", n=len(overdue))
     return len(overdue)
 
 

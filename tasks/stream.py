@@ -33,6 +33,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from app import metrics
 from app.config import Config
 from models import Channel, DeadLetter, Delivery, DeliveryStatus, Notification, NotificationStatus
 from models.base import utcnow
@@ -151,12 +152,13 @@ def process_entries(
 ) -> list[str]:
     """Record deliveries for `entries` and enqueue them; returns the entry ids safe to XACK.
 
-    `dead` maps entry ids to an error: those go to the dead-letter table instead.
+    `dead` maps entry ids to an error: those go to the dead-letter table instead; entries
+    that cannot be decoded are added to it.
     Re-processing an entry creates no second delivery; with `replay` (entries that may
     have been handled before, e.g. claimed from a dead consumer) the deliveries that are
     still pending are enqueued again, since their first task may have been lost.
     """
-    dead = dict(dead or {})
+    dead = dead if dead is not None else {}
     decoded = [_decode(eid, fields) for eid, fields in entries]
     now = utcnow()
     rows: list[tuple[uuid.UUID, str, str, datetime | None]] = []
@@ -218,6 +220,13 @@ def process_entries(
                     if eid in by_id
                 ],
             )
+
+    if log.isEnabledFor(logging.DEBUG):
+        per_notification: dict[uuid.UUID, int] = defaultdict(int)
+        for _, nid, _ in to_send:
+            per_notification[nid] += 1
+        for nid, n in per_notification.items():
+            log.debug("deliveries recorded", extra={"notification_id": str(nid), "deliveries": n})
 
     # Enqueue only after the commit that makes the deliveries visible to the workers.
     lanes: dict[tuple[str, str], list[int]] = defaultdict(list)
@@ -396,6 +405,7 @@ class StreamConsumer:
             self.engine, entries, self.enqueue, self.cfg.DELIVERY_BATCH, dead, replay=replay
         )
         self.redis.xack(self.cfg.STREAM_KEY, self.cfg.STREAM_GROUP, *done)
+        metrics.count(self.redis, "dead_letters", "stream", n=len(dead))
 
 
 def trim_stream(client: redis.Redis, stream: str) -> int:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
+import celeryconfig
 from app.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,3 +76,75 @@ def test_compose_app_settings_name_real_settings():
     env = _compose()["services"]["api"]["environment"]
     known = {name for name, _, _ in Config.documented()}
     assert set(env) <= known
+
+
+def _top_level_names(module: str) -> set[str]:
+    tree = ast.parse((ROOT / f"{module.replace('.', '/')}.py").read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names.add(node.name)
+    return names
+
+
+def _option(command: list[str], *names: str) -> str | None:
+    for i, part in enumerate(command):
+        for name in names:
+            if part == name and i + 1 < len(command):
+                return command[i + 1]
+            if part.startswith(name + "="):
+                return part.split("=", 1)[1]
+    return None
+
+
+def _copied_by_dockerfile() -> set[str]:
+    copied: set[str] = set()
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            copied |= set(line.split()[1:-1])
+    return copied
+
+
+def test_every_compose_command_points_at_a_module_and_entry_point_that_exist(app):
+    queues = {q.name for q in celeryconfig.task_queues}
+    copied = _copied_by_dockerfile()
+    for name, service in _compose()["services"].items():
+        command = service.get("command")
+        if not command or name in ("postgres", "redis"):
+            continue
+        program = command[0]
+        if program == "gunicorn":
+            module, attr = command[-1].split(":")
+            config = _option(command, "-c")
+            assert (ROOT / config).is_file(), name
+            assert config in copied, name
+        elif program == "celery":
+            module, attr = _option(command, "-A").rsplit(".", 1)
+            assert command[command.index(_option(command, "-A")) + 1] in (
+                "worker", "beat", "flower"
+            ), name  # fmt: skip
+            for queue in (_option(command, "-Q") or "").split(","):
+                assert not queue or queue in queues, (name, queue)
+        elif program == "flask":
+            module, attr = _option(command, "--app"), "app"
+            group, sub = command[-2:]
+            assert sub in app.cli.commands[group].commands, name  # type: ignore[attr-defined]
+        else:
+            raise AssertionError(f"{name}: unknown program {program}")
+        assert attr in _top_level_names(module), name
+        assert f"{module}.py" in copied, name
+
+
+def test_compose_workers_scale_and_flower_sits_behind_basic_auth():
+    services = _compose()["services"]
+    for name in ("worker", "channels-worker", "stream-consumer"):
+        assert "container_name" not in services[name]
+        assert "ports" not in services[name]  # `--scale worker=N` needs no port of its own
+    assert any(part.startswith("--basic-auth=") for part in services["flower"]["command"])
+    for name in ("postgres", "redis", "api"):
+        assert services[name]["healthcheck"]["test"], name
+    redis_cmd = services["redis"]["command"]
+    assert redis_cmd[redis_cmd.index("--appendfsync") + 1] == "everysec"
+    assert services["redis"]["volumes"]

@@ -151,3 +151,30 @@ def test_permanent_failure_is_dead_lettered_with_its_history(app, client, auth, 
     assert full["history"][0]["outcome"] == "failed"
     assert full["history"][0]["error"] == "HTTP 410: gone"
     assert client.get("/dlq?channel=email", headers=auth).json["dead_letters"] == []
+
+
+def _metric_samples(client, auth) -> dict[str, float]:
+    text_out = client.get("/metrics").get_data(as_text=True)
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text_out.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_tries_retries_and_dead_letters_are_counted_in_the_metrics(
+    app, client, auth, rdb, pg, webhook_delivery
+):
+    attempts, _ = _attempts(
+        app, rdb, pg, [Outcome.retry("HTTP 503"), Outcome.permanent("HTTP 410: gone")], Sent()
+    )
+    assert attempts.run(webhook_delivery, 1).state == "retry"
+    assert attempts.run(webhook_delivery, 2).state == "failed"
+    assert attempts.run(webhook_delivery, 2).state == "done"  # a replay is not counted again
+
+    m = _metric_samples(client, auth)
+    assert m['notifier_deliveries_total{channel="webhook",outcome="retry"}'] == 1
+    assert m['notifier_deliveries_total{channel="webhook",outcome="failed"}'] == 1
+    assert m['notifier_retries_scheduled_total{channel="webhook"}'] == 1
+    assert m['notifier_dead_letters_total{source="webhook"}'] == 1
+    assert m["notifier_notifications_accepted_total"] == 1

@@ -1,0 +1,32 @@
+"""GET /metrics: Prometheus exposition of the whole platform (see app.metrics)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app import metrics
+from app.redis_client import make_redis
+from tasks.retries import RETRY_ZSET
+
+bp = Blueprint("metrics", __name__)
+
+QUEUES = ["high", "default", "low", "stream", "channels"]
+
+
+def _collector() -> metrics.PlatformCollector:
+    found = current_app.extensions.get("metrics.collector")
+    if found is None:
+        cfg = current_app.config["NOTIFIER"]
+        client = current_app.extensions["redis"]
+        broker = client if cfg.broker_url == cfg.REDIS_URL else make_redis(cfg.broker_url)
+        found = metrics.PlatformCollector(
+            client, cfg.STREAM_KEY, cfg.STREAM_GROUP, RETRY_ZSET, QUEUES, broker
+        )
+        current_app.extensions["metrics.collector"] = found
+    return found
+
+
+@bp.get("/metrics")
+def exposition() -> Response:
+    return Response(metrics.render(_collector()), mimetype=CONTENT_TYPE_LATEST)
