@@ -25,6 +25,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     from app import auth, cli, db, errors, redis_client, worker
     from app.ingest import IngestWriter
     from app.stream import BacklogGauge
+    from app.template_store import TemplateStore
 
     db.init_app(app)
     redis_client.init_app(app)
@@ -40,12 +41,15 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         cfg.INGEST_BATCH_MAX,
         timedelta(seconds=cfg.IDEMPOTENCY_TTL_SECONDS),
     )
+    app.extensions["templates"] = TemplateStore(
+        app.extensions["db.engine"], cfg.TEMPLATE_CACHE_SECONDS
+    )
     app.extensions["stream.backlog"] = BacklogGauge(
         app.extensions["redis"], cfg.STREAM_KEY, cfg.STREAM_GROUP, cfg.BACKLOG_CHECK_SECONDS
     )
 
     from app import gateway
-    from app.api import dlq, health, inbox, metrics, notifications, tokens, users
+    from app.api import dlq, health, inbox, metrics, notifications, templates, tokens, users
 
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
@@ -54,5 +58,6 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(tokens.bp)
     app.register_blueprint(users.bp)
     app.register_blueprint(dlq.bp)
+    app.register_blueprint(templates.bp)
     gateway.init_app(app)
     return app

@@ -133,6 +133,14 @@ class Config:
         5.0, "Beat interval of the check for un-acked notifications due for fallback."
     )
 
+    TEMPLATE_CACHE_SECONDS: float = setting(
+        2.0, "How long an API process reuses a template it read (PUTs elsewhere show after it)."
+    )
+    CRITICAL_CATEGORIES: str = setting(
+        "security",
+        "Comma-separated categories whose `priority: high` notifications ignore users' mutes.",
+    )
+
     LOG_LEVEL: str = setting(
         "INFO", "Level of the platform's own loggers; DEBUG adds a line per notification per step."
     )
@@ -155,6 +163,10 @@ class Config:
     @property
     def broker_url(self) -> str:
         return self.CELERY_BROKER_URL or self.REDIS_URL
+
+    @property
+    def critical_categories(self) -> frozenset[str]:
+        return frozenset(c.strip() for c in self.CRITICAL_CATEGORIES.split(",") if c.strip())
 
     @property
     def consumer_names(self) -> list[str]:

@@ -31,26 +31,35 @@ MESSAGE_COLUMNS = (
     Notification.category,
     Notification.lang,
     Notification.created_at,
+    Notification.renditions,
+    Delivery.lang.label("delivery_lang"),
 )
+# Muted copies are recorded (as skipped) but are not the user's to see.
+VISIBLE = Delivery.status != DeliveryStatus.SKIPPED
 
 
 def message(row: Any) -> dict[str, Any]:
-    """The JSON a client receives for one delivery row."""
+    """The JSON a client receives for one delivery row: a templated notification in the
+    rendition of the recipient's language, with that language as `lang`."""
+    title, body, lang = row.title, row.body, row.lang
+    if row.renditions and row.delivery_lang in row.renditions["locales"]:
+        rendition = row.renditions["locales"][row.delivery_lang]
+        title, body, lang = rendition.get("title"), rendition.get("body"), row.delivery_lang
     return {
         "type": "notification",
         "id": str(row.notification_id),
         "seq": row.id,
-        "title": row.title,
-        "body": row.body,
+        "title": title,
+        "body": body,
         "data": row.data,
         "priority": str(row.priority),
         "category": row.category,
-        "lang": row.lang,
+        "lang": lang,
         "created_at": row.created_at.isoformat(),
     }
 
 
-def _not_expired() -> Any:
+def not_expired() -> Any:
     return or_(Notification.expires_at.is_(None), Notification.expires_at > func.now())
 
 
@@ -63,9 +72,11 @@ def unacked(conn: Connection, user_id: str, after_seq: int = 0, limit: int = 500
             .where(
                 Delivery.user_id == user_id,
                 Delivery.channel == WEBSOCKET,
+                VISIBLE,
+                VISIBLE,
                 Delivery.acked_at.is_(None),
                 Delivery.id > after_seq,
-                _not_expired(),
+                not_expired(),
             )
             .order_by(Delivery.id)
             .limit(limit)
@@ -80,7 +91,7 @@ def history(
     query = (
         select(*MESSAGE_COLUMNS)
         .join(Notification, Notification.id == Delivery.notification_id)
-        .where(Delivery.user_id == user_id, Delivery.channel == WEBSOCKET)
+        .where(Delivery.user_id == user_id, Delivery.channel == WEBSOCKET, VISIBLE)
         .order_by(Delivery.id.desc())
         .limit(limit)
     )
@@ -99,6 +110,8 @@ def unread_count(conn: Connection, user_id: str) -> int:
             .where(
                 Delivery.user_id == user_id,
                 Delivery.channel == WEBSOCKET,
+                VISIBLE,
+                VISIBLE,
                 Delivery.read_at.is_(None),
             )
         )
@@ -135,6 +148,7 @@ def ack(conn: Connection, user_id: str, notification_ids: list[uuid.UUID]) -> li
         .where(
             Delivery.user_id == user_id,
             Delivery.channel == WEBSOCKET,
+            VISIBLE,
             Delivery.notification_id.in_(notification_ids),
             Delivery.acked_at.is_(None),
         )
@@ -161,7 +175,7 @@ def ack_many(engine: Engine, acks: list[tuple[str, uuid.UUID]]) -> None:
             "sent_at = coalesce(d.sent_at, now()) "
             "FROM unnest(%(users)s::text[], %(nids)s::uuid[]) AS a(u, n) "
             "WHERE d.user_id = a.u AND d.notification_id = a.n "
-            "AND d.channel = 'websocket' AND d.acked_at IS NULL",
+            "AND d.channel = 'websocket' AND d.acked_at IS NULL AND d.status <> 'skipped'",
             {"users": [u for u, _ in acks], "nids": [str(n) for _, n in acks]},
         )
 
@@ -171,7 +185,12 @@ def mark_read(
 ) -> list[str]:
     """Mark the user's copies read (and acked); None means all of them. Returns ids changed."""
     now = utcnow()
-    where = [Delivery.user_id == user_id, Delivery.channel == WEBSOCKET, Delivery.read_at.is_(None)]
+    where = [
+        Delivery.user_id == user_id,
+        Delivery.channel == WEBSOCKET,
+        VISIBLE,
+        Delivery.read_at.is_(None),
+    ]
     if notification_ids is not None:
         if not notification_ids:
             return []

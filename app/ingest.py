@@ -251,14 +251,23 @@ class IngestWriter:
                 pending.outcome = Outcome("conflict", stored[1])
 
     def _stream(self, fresh: list[_Pending]) -> list[uuid.UUID]:
-        """XADD every fresh row in one pipeline; returns the ids that made it."""
+        """XADD every fresh row in one pipeline; returns the ids that made it.
+
+        A row whose `send_at` is still ahead stays unstreamed: the outbox sweeper streams
+        it when it is due, so a scheduled notification lives in PostgreSQL until then.
+        """
+        now = utcnow()
+        accepted = len(fresh)
+        fresh = [p for p in fresh if not (p.row.get("send_at") and p.row["send_at"] > now)]
         if not fresh:
+            if accepted:
+                metrics.count(self._redis, "notifications_accepted", n=accepted)
             return []
         try:
             pipe = self._redis.pipeline(transaction=False)
             for pending in fresh:
                 pipe.xadd(self._stream_key, entry_fields(pending.row))
-            metrics.count(pipe, "notifications_accepted", n=len(fresh))
+            metrics.count(pipe, "notifications_accepted", n=accepted)
             results = pipe.execute(raise_on_error=False)[: len(fresh)]
         except redis.RedisError:
             log.warning(

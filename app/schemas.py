@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import re
-from datetime import UTC
+from datetime import UTC, time
 from typing import Any
 
 import orjson
 from flask import current_app
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
+from app import locales, preferences, rendering
 from models import Channel, Priority
-
-# A BCP 47 tag, loosely: language, then subtags of 1-8 alphanumerics ("en", "pt-BR", "zh-Hant-TW").
-BCP47 = re.compile(r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
 
 
 def _no_nul(value: Any) -> None:
@@ -51,6 +48,19 @@ class UserIdList(fields.List):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+class LocaleTag(fields.String):
+    """A locale tag Babel knows, normalised to BCP 47 form ("pt_br" -> "pt-BR")."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        raw = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return locales.normalize(raw)
+        except locales.InvalidLocale:
+            raise ValidationError(
+                f"Unknown locale {raw!r}; give a tag such as 'en', 'de' or 'pt-BR'."
+            ) from None
+
+
 USER_ID = validate.Length(min=1, max=255)
 WEBHOOK_URL = validate.URL(schemes={"http", "https"}, require_tld=False)
 
@@ -66,9 +76,7 @@ class NotificationIn(Schema):
     priority = fields.String(
         load_default=Priority.NORMAL.value, validate=validate.OneOf([p.value for p in Priority])
     )
-    lang = fields.String(
-        validate=validate.Regexp(BCP47, error="Must be a BCP 47 language tag such as 'pt-BR'.")
-    )
+    lang = LocaleTag()
     category = Text(validate=validate.Length(min=1, max=100))
     channels = fields.List(
         fields.String(validate=validate.OneOf([c.value for c in Channel])),
@@ -115,14 +123,87 @@ def recipients_of(data: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(data["user_ids"]))
 
 
+def _timezone(value: str) -> None:
+    if not preferences.valid_timezone(value):
+        raise ValidationError(
+            f"Unknown time zone {value!r}; give an IANA name such as 'Europe/Berlin'."
+        )
+
+
+def _muted(value: dict[str, list[str]]) -> None:
+    known = {c.value for c in Channel}
+    for category, channels in value.items():
+        unknown = sorted(set(channels) - known)
+        if unknown:
+            raise ValidationError(
+                f"Category {category!r}: unknown channels {unknown}; known: {sorted(known)}."
+            )
+
+
+class QuietHours(Schema):
+    """Local times in the user's time zone; the window may wrap past midnight."""
+
+    start = fields.Time(required=True)
+    end = fields.Time(required=True)
+
+    @validates_schema
+    def _not_empty(self, data: dict[str, time], **_kwargs: Any) -> None:
+        if data["start"] == data["end"]:
+            raise ValidationError({"end": ["Must differ from 'start'."]})
+
+
 class UserIn(Schema):
     """PUT /users/{id}: the fields given are set, null clears one, the others are kept."""
 
     email = fields.Email(allow_none=True, validate=validate.Length(max=320))
     webhook_url = Text(allow_none=True, validate=[validate.Length(max=2000), WEBHOOK_URL])
+    locale = LocaleTag(allow_none=True)
+    timezone = fields.String(allow_none=True, validate=[validate.Length(max=64), _timezone])
+    muted = fields.Dict(
+        keys=Text(validate=validate.Length(min=1, max=100)),
+        values=fields.List(fields.String()),
+        allow_none=True,
+        validate=_muted,
+    )
+    quiet_hours = fields.Nested(QuietHours, allow_none=True)
 
 
 user_in = UserIn()
+
+
+class TemplateIn(Schema):
+    """PUT /templates/{key}: every locale variant, and the one used when none fits."""
+
+    locales = fields.Dict(
+        keys=LocaleTag(),
+        values=fields.Dict(
+            keys=fields.String(), values=Text(validate=validate.Length(max=100_000))
+        ),
+        required=True,
+        validate=validate.Length(min=1, max=200),
+    )
+    default_locale = LocaleTag(required=True)
+
+    @validates_schema
+    def _variants(self, data: dict[str, Any], **_kwargs: Any) -> None:
+        errors: dict[str, Any] = {}
+        for tag, parts in data.get("locales", {}).items():
+            for part in sorted(set(parts) - set(rendering.PARTS)):
+                errors[f"locales.{tag}.{part}"] = [f"Unknown part; known: {list(rendering.PARTS)}."]
+            for part in ("title", "body"):
+                if not parts.get(part):
+                    errors[f"locales.{tag}.{part}"] = ["Missing data for required field."]
+            for part, source in parts.items():
+                problem = rendering.check_source(part, source) if part in rendering.PARTS else None
+                if problem:
+                    errors[f"locales.{tag}.{part}"] = [problem]
+        if "default_locale" in data and data["default_locale"] not in data.get("locales", {}):
+            errors["default_locale"] = ["Must be one of the template's locales."]
+        if errors:
+            raise ValidationError(errors)
+
+
+template_in = TemplateIn()
 
 
 class DeadLetterFilter(Schema):

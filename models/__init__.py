@@ -7,6 +7,7 @@ from models.delivery import Delivery, DeliveryStatus
 from models.delivery_attempt import AttemptOutcome, DeliveryAttempt
 from models.idempotency import IdempotencyKey
 from models.notification import Channel, Notification, NotificationStatus, Priority
+from models.template import Template
 from models.user import User
 
 __all__ = [
@@ -22,5 +23,6 @@ __all__ = [
     "Notification",
     "NotificationStatus",
     "Priority",
+    "Template",
     "User",
 ]

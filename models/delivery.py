@@ -46,6 +46,10 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     # In-app copies of notifications with a fallback: when to escalate if still un-acked.
     escalate_at: Mapped[datetime | None]
+    # The locale of the rendition this recipient gets (templated notifications).
+    lang: Mapped[str | None] = mapped_column(String(35))
+    # An email or webhook held back by the user's quiet hours until then.
+    deferred_until: Mapped[datetime | None]
 
     __table_args__ = (
         # A replayed stream entry must not create a second copy.

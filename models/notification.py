@@ -52,6 +52,9 @@ class Notification(Base):
     body: Mapped[str | None] = mapped_column(Text)
     template: Mapped[str | None] = mapped_column(String(200))
     params: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # A templated notification rendered at ingest in each of the template's locales:
+    # {"pt-BR": {"title", "body", "email_subject", "email_html"}}; each delivery picks one.
+    renditions: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     priority: Mapped[Priority] = mapped_column(
         value_enum(Priority, "notification_priority"), default=Priority.NORMAL

@@ -26,7 +26,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from app import metrics
+from app import metrics, preferences
 from app.config import Config
 from models import (
     AttemptOutcome,
@@ -85,24 +85,32 @@ def send_job(job: Job, cfg: Config) -> Outcome:
     return send_email(SmtpServer.from_url(cfg.SMTP_URL), msg, cfg.SMTP_TIMEOUT_SECONDS)
 
 
-def payload_of(n: Notification, user_id: str, channel: str) -> dict[str, Any]:
+def payload_of(n: Notification, d: Delivery) -> dict[str, Any]:
+    """What a webhook receives (and an email is built from): in the recipient's language."""
+    title, body, lang, extra = n.title, n.body, n.lang, {}
+    if n.renditions and d.lang in n.renditions["locales"]:
+        rendition = n.renditions["locales"][d.lang]
+        title, body, lang = rendition.get("title"), rendition.get("body"), d.lang
+        if d.channel == Channel.EMAIL.value:
+            extra = {k: rendition[k] for k in ("email_subject", "email_html") if rendition.get(k)}
     return {
         "id": str(n.id),
-        "user_id": user_id,
-        "channel": channel,
-        "title": n.title,
-        "body": n.body,
+        "user_id": d.user_id,
+        "channel": d.channel,
+        "title": title,
+        "body": body,
         "data": n.data,
         "priority": str(n.priority),
         "category": n.category,
-        "lang": n.lang,
+        "lang": lang,
         "created_at": n.created_at.isoformat(),
+        **extra,
     }
 
 
 @dataclass
 class Result:
-    state: str  # sent | retry | failed | skipped | done | running | lost
+    state: str  # sent | retry | failed | skipped | done | running | lost | deferred | expired
     next_attempt: int | None = None
     delay: float | None = None
     # Set when a try ended: what the metrics and logs file it under.
@@ -110,7 +118,7 @@ class Result:
     notification_id: str | None = None
 
 
-COUNTED = {"sent", "retry", "failed", "skipped", "lost"}
+COUNTED = {"sent", "retry", "failed", "skipped", "lost", "deferred", "expired"}
 
 
 class Attempts:
@@ -131,7 +139,11 @@ class Attempts:
         self.send = send
 
     def schedule(self, delivery_id: int, attempt: int, delay: float) -> None:
-        retries.schedule(self.redis, TASK, [delivery_id, attempt], delay, self.send)
+        retries.schedule(
+            self.redis, TASK, [delivery_id, attempt], delay, self.send,
+            max_countdown=self.cfg.RETRY_MAX_DELAY_SECONDS,
+            grace=self.cfg.RETRY_SWEEP_GRACE_SECONDS,
+        )  # fmt: skip
 
     def run(self, delivery_id: int, attempt: int) -> Result:
         result, job = self._claim(delivery_id, attempt)
@@ -140,7 +152,8 @@ class Attempts:
             result = self._finish(job, outcome)
         if result.next_attempt is not None:
             self.schedule(delivery_id, result.next_attempt, result.delay or 0.0)
-        if result.state != "running":
+        # A deferred try was re-armed in the ZSET under the same member just now.
+        if result.state not in ("running", "deferred"):
             retries.done(self.redis, TASK, [delivery_id, attempt])
         self._count(delivery_id, attempt, result)
         return result
@@ -148,7 +161,7 @@ class Attempts:
     def _count(self, delivery_id: int, attempt: int, result: Result) -> None:
         if result.state not in COUNTED or result.channel is None:
             return
-        retried = result.next_attempt is not None
+        retried = result.state in ("retry", "lost")
         metrics.count_many(
             self.redis,
             [
@@ -186,6 +199,10 @@ class Attempts:
             d, n = row
             if d.status != DeliveryStatus.PENDING or attempt < d.series_start:
                 return Result("done"), None
+            user = db.get(User, d.user_id)
+            held = self._held_back(db, d, n, user, attempt, now)
+            if held is not None:
+                return held, None
             claimed = db.scalar(
                 pg_insert(DeliveryAttempt)
                 .values(delivery_id=d.id, channel=d.channel, attempt=attempt, started_at=now)
@@ -194,7 +211,7 @@ class Attempts:
             )
             if claimed is None:
                 return self._already_claimed(db, d, attempt, now), None
-            address = self._address(db, d, n)
+            address = self._address(d, n, user)
             if address is None:
                 what = "email address" if d.channel == Channel.EMAIL.value else "webhook_url"
                 error = f"user {d.user_id!r} has no {what}"
@@ -210,12 +227,53 @@ class Attempts:
             secret = signing_secret(db, self.cfg, n.api_key_name)
             job = Job(
                 d.id, d.channel, attempt, d.user_id, address,
-                payload_of(n, d.user_id, d.channel), secret,
+                payload_of(n, d), secret,
             )  # fmt: skip
         return Result("claimed"), job
 
-    def _address(self, db: Session, d: Delivery, n: Notification) -> str | None:
-        user = db.get(User, d.user_id)
+    def _held_back(
+        self,
+        db: Session,
+        d: Delivery,
+        n: Notification,
+        user: User | None,
+        attempt: int,
+        now: datetime,
+    ) -> Result | None:
+        """Expired, muted, or within quiet hours: this try is not sent now (and not counted)."""
+        mark = str(n.id)
+        if n.expires_at is not None and n.expires_at <= now:
+            db.execute(
+                update(Delivery)
+                .where(Delivery.id == d.id)
+                .values(status=DeliveryStatus.EXPIRED, last_error="expired before it was sent")
+            )
+            return Result("expired", channel=d.channel, notification_id=mark)
+        if user is None:
+            return None
+        critical = self.cfg.critical_categories
+        if preferences.is_muted(user.muted, n.category, d.channel, str(n.priority), critical):
+            db.execute(
+                update(Delivery)
+                .where(Delivery.id == d.id)
+                .values(
+                    status=DeliveryStatus.SKIPPED,
+                    last_error=f"muted by the user: {d.channel} for category {n.category!r}",
+                )
+            )
+            return Result("skipped", channel=d.channel, notification_id=mark)
+        until = preferences.deferral(
+            now, d.channel, str(n.priority), user.timezone, user.quiet_start, user.quiet_end
+        )
+        if until is None:
+            return None
+        db.execute(update(Delivery).where(Delivery.id == d.id).values(deferred_until=until))
+        # The same try, later: quiet hours do not use up one of the delivery's tries.
+        delay = (until - now).total_seconds()
+        return Result("deferred", attempt, delay, d.channel, mark)
+
+    @staticmethod
+    def _address(d: Delivery, n: Notification, user: User | None) -> str | None:
         if d.channel == Channel.WEBHOOK.value:
             return n.webhook_url or (user.webhook_url if user else None)
         return user.email if user else None
@@ -334,7 +392,7 @@ def dead_letter(db: Session, d: Delivery, error: str) -> None:
             notification_id=d.notification_id,
             delivery_id=d.id,
             user_id=d.user_id,
-            payload=payload_of(n, d.user_id, d.channel),
+            payload=payload_of(n, d),
             error=error,
             attempts=len(history),
             history=history,

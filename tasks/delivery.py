@@ -54,29 +54,33 @@ def deliver_websocket_batch(
                 Delivery.id.in_(delivery_ids),
                 Delivery.status.in_((DeliveryStatus.PENDING, DeliveryStatus.SENT)),
                 Delivery.acked_at.is_(None),
+                inbox.not_expired(),
             )
         ).all()
     if not rows:
         return WebsocketResult(0, 0)
 
     online = presence.nodes_for(client, sorted({r.user_id for r in rows}), presence_ttl)
-    base: dict[Any, dict[str, Any]] = {}
-    targets: dict[tuple[Any, str], list[Any]] = defaultdict(list)
+    # One message per notification and language (templated ones differ per recipient's
+    # language), published once per node with the users it is for.
+    base: dict[tuple[Any, str | None], dict[str, Any]] = {}
+    targets: dict[tuple[Any, str | None, str], list[Any]] = defaultdict(list)
     for row in rows:
         for node_id in online.get(row.user_id, ()):
-            if row.notification_id not in base:
+            variant = (row.notification_id, row.delivery_lang)
+            if variant not in base:
                 message = inbox.message(row)
                 del message["seq"]
-                base[row.notification_id] = message
-            targets[(row.notification_id, node_id)].append(row)
+                base[variant] = message
+            targets[(*variant, node_id)].append(row)
 
     pipe = client.pipeline(transaction=False)
     keys = list(targets)
-    for nid, node_id in keys:
+    for nid, lang, node_id in keys:
         envelope = {
             "t": "deliver",
-            "n": base[nid],
-            "to": [[r.user_id, r.id] for r in targets[(nid, node_id)]],
+            "n": base[(nid, lang)],
+            "to": [[r.user_id, r.id] for r in targets[(nid, lang, node_id)]],
         }
         pipe.publish(presence.node_channel(node_id), orjson.dumps(envelope))
     receivers = pipe.execute() if keys else []

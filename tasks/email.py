@@ -42,7 +42,7 @@ class SmtpServer:
 
 def compose(sender: str, to: str, payload: dict[str, Any], message_id: str) -> EmailMessage:
     msg = EmailMessage()
-    msg["Subject"] = payload.get("title") or "Notification"
+    msg["Subject"] = payload.get("email_subject") or payload.get("title") or "Notification"
     msg["From"] = sender
     msg["To"] = to
     # The same id on every try of one delivery: mail systems drop the repeats.
@@ -50,6 +50,10 @@ def compose(sender: str, to: str, payload: dict[str, Any], message_id: str) -> E
     msg["X-Notification-Id"] = str(payload["id"])
     body = payload.get("body") or ""
     msg.set_content(body)
+    if payload.get("email_html"):
+        # A template's email_html, rendered with autoescaping: parameters arrive as text.
+        msg.add_alternative(payload["email_html"], subtype="html")
+        return msg
     title = html.escape(payload.get("title") or "")
     paragraphs = "".join(f"<p>{html.escape(p)}</p>" for p in body.split("\n\n") if p)
     msg.add_alternative(

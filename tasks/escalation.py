@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from models import Channel, Delivery, Notification, User
 from models.base import utcnow
 from tasks.channels import attempts_from_app
-from tasks.stream import record_deliveries
+from tasks.stream import NewDelivery, record_deliveries
 
 BATCH = 1000
 
@@ -37,7 +37,7 @@ def escalate_due(engine: Engine, now: datetime, batch: int = BATCH) -> list[int]
                 "UPDATE deliveries d SET escalate_at = NULL FROM ("
                 " SELECT id FROM deliveries WHERE escalate_at <= :now AND acked_at IS NULL"
                 " ORDER BY escalate_at LIMIT :batch FOR UPDATE SKIP LOCKED) due "
-                "WHERE d.id = due.id RETURNING d.notification_id, d.user_id"
+                "WHERE d.id = due.id RETURNING d.notification_id, d.user_id, d.lang"
             ),
             {"now": now, "batch": batch},
         ).all()
@@ -45,27 +45,26 @@ def escalate_due(engine: Engine, now: datetime, batch: int = BATCH) -> list[int]
             return []
         users = {
             u.id: u
-            for u in db.execute(
-                select(User).where(User.id.in_({user_id for _, user_id in due}))
-            ).scalars()
+            for u in db.execute(select(User).where(User.id.in_({r.user_id for r in due}))).scalars()
         }
         hooks = dict(
             db.execute(
                 select(Notification.id, Notification.webhook_url).where(
-                    Notification.id.in_({nid for nid, _ in due})
+                    Notification.id.in_({r.notification_id for r in due})
                 )
             ).all()
         )
         rows = []
-        for nid, user_id in due:
+        for nid, user_id, lang in due:
             user = users.get(user_id)
+            # In the language the in-app copy was in; mutes and quiet hours apply when sent.
             if user is not None and user.email:
-                rows.append((nid, user_id, Channel.EMAIL.value))
+                rows.append(NewDelivery(nid, user_id, Channel.EMAIL.value, lang=lang))
             if hooks.get(nid) or (user is not None and user.webhook_url):
-                rows.append((nid, user_id, Channel.WEBHOOK.value))
+                rows.append(NewDelivery(nid, user_id, Channel.WEBHOOK.value, lang=lang))
         if not rows:
             return []
-        return [r.id for r in record_deliveries(db, [(n, u, c, None) for n, u, c in rows])]
+        return [r.id for r in record_deliveries(db, rows)]
 
 
 @shared_task(name="tasks.escalation.escalate", ignore_result=True)

@@ -4,6 +4,10 @@ Ingest commits before it XADDs; if the XADD fails or the process dies in between
 row keeps `streamed_at IS NULL`. This beat task finds such rows once they are older than
 a grace period (so it does not race the writer that is still streaming them) and streams
 them. A rare duplicate entry is harmless: deliveries are unique per notification and user.
+
+It is also the scheduler: ingest leaves a notification whose `send_at` is ahead unstreamed,
+and this sweep streams it once it is due. Scheduled notifications live in PostgreSQL until
+then, so they survive restarts of every process.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from datetime import timedelta
 import redis
 from celery import shared_task
 from flask import current_app
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine, delete, func, or_, select, update
 
 from app.stream import entry_fields
 from models import IdempotencyKey, Notification
@@ -35,7 +39,12 @@ def stream_unstreamed(
         rows = (
             conn.execute(
                 select(Notification.__table__)
-                .where(Notification.streamed_at.is_(None), Notification.created_at < cutoff)
+                .where(
+                    Notification.streamed_at.is_(None),
+                    Notification.created_at < cutoff,
+                    # Scheduled notifications wait here until their send_at.
+                    or_(Notification.send_at.is_(None), Notification.send_at <= func.now()),
+                )
                 .order_by(Notification.created_at)
                 .limit(limit)
                 .with_for_update(skip_locked=True)

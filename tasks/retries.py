@@ -58,9 +58,23 @@ def celery_send(task: str, args: list[Any], countdown: float) -> None:
 
 
 def schedule(
-    client: redis.Redis, task: str, args: list[Any], delay: float, send: Send = celery_send
+    client: redis.Redis,
+    task: str,
+    args: list[Any],
+    delay: float,
+    send: Send = celery_send,
+    max_countdown: float | None = None,
+    grace: float = 0.0,
 ) -> None:
-    """Mirror the try in the ZSET, then enqueue it with a countdown."""
+    """Mirror the try in the ZSET, then enqueue it with a countdown.
+
+    A delay over `max_countdown` (kept below the broker's visibility timeout, past which
+    the broker would hand a countdown task out twice) is left to the sweeper alone: its
+    member is scored `grace` early, so the sweeper enqueues it when it is due.
+    """
+    if max_countdown is not None and delay > max_countdown:
+        client.zadd(RETRY_ZSET, {member(task, args): time.time() + delay - grace})
+        return
     # Mirror first: a crash between the two leaves a member the sweeper acts on.
     client.zadd(RETRY_ZSET, {member(task, args): time.time() + delay})
     send(task, args, delay)

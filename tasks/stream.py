@@ -19,7 +19,7 @@ import secrets
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -33,9 +33,17 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from app import metrics
+from app import locales, metrics, preferences
 from app.config import Config
-from models import Channel, DeadLetter, Delivery, DeliveryStatus, Notification, NotificationStatus
+from models import (
+    Channel,
+    DeadLetter,
+    Delivery,
+    DeliveryStatus,
+    Notification,
+    NotificationStatus,
+    User,
+)
 from models.base import utcnow
 
 log = logging.getLogger(__name__)
@@ -114,32 +122,59 @@ def _expired(payload: dict[str, Any], now: datetime) -> bool:
     return bool(expires_at) and datetime.fromisoformat(expires_at) <= now
 
 
-def record_deliveries(
-    conn: Connection | Session, rows: list[tuple[uuid.UUID, str, str, datetime | None]]
-) -> list[Any]:
-    """Insert pending deliveries (notification, user, channel, escalate_at), skipping ones
-    that exist; returns (id, notification_id, channel) of those inserted."""
-    # One statement over four arrays: a 10,000-recipient fan-out is one round trip and no
+@dataclass(frozen=True)
+class NewDelivery:
+    notification_id: uuid.UUID
+    user_id: str
+    channel: str
+    escalate_at: datetime | None = None
+    lang: str | None = None
+    # Muted by the user: recorded as skipped, with why, and never sent.
+    skipped: str | None = None
+
+
+def record_deliveries(conn: Connection | Session, rows: list[NewDelivery]) -> list[Any]:
+    """Insert deliveries, skipping ones that exist; returns (id, notification_id, channel,
+    status) of those inserted."""
+    # One statement over arrays: a 10,000-recipient fan-out is one round trip and no
     # per-row parameter handling.
     return list(
         conn.execute(
             text(
                 "INSERT INTO deliveries "
-                "(notification_id, user_id, channel, status, escalate_at) "
-                "SELECT n, u, c, 'pending', e FROM unnest("
+                "(notification_id, user_id, channel, status, escalate_at, lang, last_error) "
+                "SELECT n, u, c, CAST(s AS delivery_status), e, l, m FROM unnest("
                 "CAST(:nids AS uuid[]), CAST(:users AS text[]), CAST(:channels AS text[]), "
-                "CAST(:escalate AS timestamptz[])) AS r(n, u, c, e) "
+                "CAST(:escalate AS timestamptz[]), CAST(:langs AS text[]), "
+                "CAST(:statuses AS text[]), CAST(:errors AS text[])) AS r(n, u, c, e, l, s, m) "
                 "ON CONFLICT (notification_id, user_id, channel) DO NOTHING "
-                "RETURNING id, notification_id, channel"
+                "RETURNING id, notification_id, channel, status"
             ),
             {
-                "nids": [str(r[0]) for r in rows],
-                "users": [r[1] for r in rows],
-                "channels": [r[2] for r in rows],
-                "escalate": [r[3] for r in rows],
+                "nids": [str(r.notification_id) for r in rows],
+                "users": [r.user_id for r in rows],
+                "channels": [r.channel for r in rows],
+                "escalate": [r.escalate_at for r in rows],
+                "langs": [r.lang for r in rows],
+                "statuses": ["skipped" if r.skipped else "pending" for r in rows],
+                "errors": [r.skipped for r in rows],
             },
         )
     )
+
+
+@dataclass(frozen=True)
+class Recipient:
+    locale: str | None
+    muted: dict[str, Any] | None
+
+
+def recipients_info(conn: Connection, user_ids: set[str]) -> dict[str, Recipient]:
+    """Locale and mutes of those recipients that have a users row."""
+    if not user_ids:
+        return {}
+    rows = conn.execute(select(User.id, User.locale, User.muted).where(User.id.in_(list(user_ids))))
+    return {r.id: Recipient(r.locale, r.muted) for r in rows}
 
 
 def process_entries(
@@ -149,6 +184,7 @@ def process_entries(
     delivery_batch: int,
     dead: dict[str, str] | None = None,
     replay: bool = True,
+    critical: Collection[str] = (),
 ) -> list[str]:
     """Record deliveries for `entries` and enqueue them; returns the entry ids safe to XACK.
 
@@ -161,30 +197,41 @@ def process_entries(
     dead = dead if dead is not None else {}
     decoded = [_decode(eid, fields) for eid, fields in entries]
     now = utcnow()
-    rows: list[tuple[uuid.UUID, str, str, datetime | None]] = []
+    rows: list[NewDelivery] = []
     priority_of: dict[uuid.UUID, str] = {}
     expired_ids: list[uuid.UUID] = []
+    live: list[_Entry] = []
     for e in decoded:
         if e.entry_id in dead or e.payload is None:
             dead.setdefault(e.entry_id, e.error or "")
             continue
-        nid = uuid.UUID(e.payload["id"])
         if _expired(e.payload, now):
-            expired_ids.append(nid)
+            expired_ids.append(uuid.UUID(e.payload["id"]))
             continue
-        priority_of[nid] = str(e.payload.get("priority", "normal"))
-        channels = [c for c in e.payload.get("channels", [WEBSOCKET]) if c in CHANNELS]
-        fallback = e.payload.get("fallback_after_seconds")
-        escalate_at = now + timedelta(seconds=fallback) if fallback else None
-        for user_id in e.payload["recipients"]:
-            for channel in channels:
-                rows.append((nid, user_id, channel, escalate_at if channel == WEBSOCKET else None))
+        live.append(e)
 
     to_send: list[tuple[int, uuid.UUID, str]] = []
     with engine.begin() as conn:
+        # Only templated or categorised notifications need the recipients' preferences.
+        wanted = {
+            u
+            for e in live
+            if e.payload.get("renditions") or e.payload.get("category")  # type: ignore[union-attr]
+            for u in e.payload["recipients"]  # type: ignore[index]
+        }
+        users = recipients_info(conn, wanted)
+        for e in live:
+            assert e.payload is not None
+            nid = uuid.UUID(e.payload["id"])
+            priority_of[nid] = str(e.payload.get("priority", "normal"))
+            rows.extend(_deliveries_of(e.payload, nid, users, critical, now))
         if rows:
             inserted = record_deliveries(conn, rows)
-            to_send.extend((r.id, r.notification_id, r.channel) for r in inserted)
+            to_send.extend(
+                (r.id, r.notification_id, r.channel)
+                for r in inserted
+                if r.status == DeliveryStatus.PENDING.value
+            )
             if replay:
                 fresh = {delivery_id for delivery_id, _, _ in to_send}
                 to_send.extend(
@@ -239,6 +286,40 @@ def process_entries(
             for i in range(0, len(ids), step):
                 enqueue(lane, ids[i : i + step], channel)
     return [eid for eid, _ in entries]
+
+
+def _deliveries_of(
+    payload: dict[str, Any],
+    nid: uuid.UUID,
+    users: dict[str, Recipient],
+    critical: Collection[str],
+    now: datetime,
+) -> Iterator[NewDelivery]:
+    """One delivery per recipient and channel, in the recipient's language, muted or not."""
+    channels = [c for c in payload.get("channels", [WEBSOCKET]) if c in CHANNELS]
+    fallback = payload.get("fallback_after_seconds")
+    escalate_at = now + timedelta(seconds=fallback) if fallback else None
+    renditions = payload.get("renditions")
+    category = payload.get("category")
+    priority = str(payload.get("priority", "normal"))
+    for user_id in payload["recipients"]:
+        user = users.get(user_id)
+        lang = payload.get("lang")
+        if renditions:
+            lang = locales.choose(
+                [lang, user.locale if user else None],
+                renditions["locales"],
+                renditions["default"],
+            )
+        for channel in channels:
+            skipped = None
+            if user and preferences.is_muted(user.muted, category, channel, priority, critical):
+                skipped = f"muted by the user: {channel} for category {category!r}"
+            yield NewDelivery(
+                nid, user_id, channel,
+                escalate_at if channel == WEBSOCKET and not skipped else None,
+                lang, skipped,
+            )  # fmt: skip
 
 
 def _maybe_uuid(value: str | None) -> uuid.UUID | None:
@@ -402,7 +483,13 @@ class StreamConsumer:
         self, entries: list[tuple[str, dict[str, str]]], dead: dict[str, str], replay: bool = True
     ) -> None:
         done = process_entries(
-            self.engine, entries, self.enqueue, self.cfg.DELIVERY_BATCH, dead, replay=replay
+            self.engine,
+            entries,
+            self.enqueue,
+            self.cfg.DELIVERY_BATCH,
+            dead,
+            replay=replay,
+            critical=self.cfg.critical_categories,
         )
         self.redis.xack(self.cfg.STREAM_KEY, self.cfg.STREAM_GROUP, *done)
         metrics.count(self.redis, "dead_letters", "stream", n=len(dead))

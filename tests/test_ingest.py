@@ -59,7 +59,13 @@ def test_user_ids_batch_is_one_row_with_deduplicated_recipients(client, auth, pg
     assert len(_stream(rdb)) == 1
 
 
-def test_all_optional_fields_and_template_are_stored(client, auth, pg):
+def test_all_optional_fields_and_template_are_stored(client, auth, pg, rdb):
+    template = {
+        "locales": {"en": {"title": "Order {{ order }} shipped", "body": "On its way."},
+                    "pt-BR": {"title": "Pedido {{ order }} enviado", "body": "A caminho."}},
+        "default_locale": "en",
+    }  # fmt: skip
+    assert client.put("/templates/order_shipped", json=template, headers=auth).status_code == 201
     body = {
         "user_id": "u9",
         "template": "order_shipped",
@@ -75,9 +81,14 @@ def test_all_optional_fields_and_template_are_stored(client, auth, pg):
     r = client.post("/notifications", json=body, headers=auth)
 
     assert r.status_code == 202
+    assert r.json["status"] == "scheduled"
     with pg.connect() as conn:
         row = conn.execute(select(Notification.__table__)).one()
     assert row.template == "order_shipped"
+    assert row.renditions["locales"]["pt-BR"]["title"] == "Pedido 42 enviado"
+    assert (row.title, row.body) == ("Order 42 shipped", "On its way.")  # the default locale
+    assert row.streamed_at is None
+    assert _stream(rdb) == []  # the outbox sweeper streams it on 2030-01-01
     assert row.params == {"order": 42}
     assert row.data == {"order_id": 42, "url": "/orders/42"}
     assert str(row.priority) == "high"

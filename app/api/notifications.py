@@ -10,13 +10,15 @@ import orjson
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from sqlalchemy import func, select
 
+from app import rendering, template_store
 from app.auth import require_api_key
 from app.db import get_session
 from app.errors import ApiError
 from app.ids import uuid7
 from app.ingest import IdempotencyRequest, IngestUnavailable
 from app.schemas import notification_in, recipients_of
-from models import Delivery, Notification, NotificationStatus, Priority
+from models import Delivery, DeliveryStatus, Notification, NotificationStatus, Priority
+from models.base import utcnow
 
 bp = Blueprint("notifications", __name__)
 
@@ -83,13 +85,22 @@ def create_notification() -> tuple[Response, int] | Response:
 
     notification_id = uuid7()
     recipients = recipients_of(data)
+    now = utcnow()
+    if data.get("expires_at") and data["expires_at"] <= now:
+        raise ApiError(
+            422, "validation_error", "'expires_at' is already past.",
+            {"expires_at": ["Must be in the future."]},
+        )  # fmt: skip
+    renditions = _render(data) if "template" in data else None
+    scheduled = bool(data.get("send_at")) and data["send_at"] > now
     row = {
         "id": notification_id,
         "status": NotificationStatus.QUEUED,
         "recipients": recipients,
-        "title": data.get("title"),
-        "body": data.get("body"),
+        "title": data.get("title") or _default_part(renditions, "title"),
+        "body": data.get("body") or _default_part(renditions, "body"),
         "template": data.get("template"),
+        "renditions": renditions,
         "params": data.get("params"),
         "data": data.get("data"),
         "priority": Priority(data["priority"]),
@@ -102,7 +113,11 @@ def create_notification() -> tuple[Response, int] | Response:
         "webhook_url": data.get("webhook_url"),
         "fallback_after_seconds": data.get("fallback_after_seconds"),
     }
-    answer = {"id": str(notification_id), "status": "queued", "recipients": len(recipients)}
+    answer = {
+        "id": str(notification_id),
+        "status": "scheduled" if scheduled else "queued",
+        "recipients": len(recipients),
+    }
     try:
         outcome = current_app.extensions["ingest.writer"].submit(row, answer, idem)
     except IngestUnavailable as exc:
@@ -123,6 +138,27 @@ def create_notification() -> tuple[Response, int] | Response:
     if outcome.kind == "replayed":
         response.headers["Idempotent-Replayed"] = "true"
     return response, 202
+
+
+def _render(data: dict[str, Any]) -> dict[str, Any]:
+    """Every locale of the named template, rendered with the notification's params."""
+    template = current_app.extensions["templates"].get(data["template"])
+    if template is None:
+        raise ApiError(
+            422, "validation_error", f"No template {data['template']!r}.",
+            {"template": ["Unknown template; create it with PUT /templates/{key}."]},
+        )  # fmt: skip
+    try:
+        rendered = rendering.render_all(template.locales, data.get("params") or {})
+    except rendering.RenderError as exc:
+        raise ApiError(422, "validation_error", exc.message, {exc.field: [exc.message]}) from None
+    return template_store.renditions(template, rendered)
+
+
+def _default_part(renditions: dict[str, Any] | None, part: str) -> str | None:
+    if renditions is None:
+        return None
+    return renditions["locales"][renditions["default"]].get(part)
 
 
 def _not_an_object(body: Any) -> dict[str, Any]:
@@ -181,7 +217,9 @@ def get_notification(notification_id: str) -> Response:
                 {
                     "user_id": user_id,
                     "channel": channel,
-                    "state": str(d.status) if d else "queued",
+                    "state": _state(n, d),
+                    "lang": d.lang if d else None,
+                    "deferred_until": _iso(d.deferred_until) if d else None,
                     "sent_at": _iso(d.sent_at) if d else None,
                     "acked_at": _iso(d.acked_at) if d else None,
                     "read_at": _iso(d.read_at) if d else None,
@@ -222,13 +260,32 @@ def _status(n: Notification, summary: dict[str, int], recorded: int) -> str:
     The consumer does not write the notification row (that would contend with ingest's
     own writes to fresh rows), so progress is read from the deliveries.
     """
+    now = utcnow()
+    if n.status == NotificationStatus.QUEUED and n.send_at and n.send_at > now and not recorded:
+        return "scheduled"
+    unfinished = summary["queued"] > 0 or summary.get("pending", 0) > 0
+    if n.expires_at and n.expires_at <= now and unfinished:
+        return NotificationStatus.EXPIRED.value
     if n.status != NotificationStatus.QUEUED or recorded == 0:
         return str(n.status)
-    if summary["queued"] > 0 or summary.get("pending", 0) > 0:
+    if unfinished:
         return NotificationStatus.DELIVERING.value
-    if summary.get("failed", 0) and not (summary.get("sent", 0) or summary.get("acked", 0)):
-        return NotificationStatus.FAILED.value
-    return NotificationStatus.DELIVERED.value
+    if summary.get("sent", 0) or summary.get("acked", 0):
+        return NotificationStatus.DELIVERED.value
+    # Nothing reached anyone: say why.
+    for status in (NotificationStatus.FAILED.value, NotificationStatus.EXPIRED.value):
+        if summary.get(status, 0):
+            return status
+    return "skipped"  # every copy muted, or no address to send to
+
+
+def _state(n: Notification, d: Delivery | None) -> str:
+    expired = n.expires_at is not None and n.expires_at <= utcnow()
+    if d is None:
+        return "expired" if expired else "queued"
+    if d.status == DeliveryStatus.PENDING and expired:
+        return DeliveryStatus.EXPIRED.value
+    return str(d.status)
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:

@@ -1,4 +1,4 @@
-"""Users' out-of-app addresses: PUT /users/{user_id} (x-api-key), GET /users/{user_id}."""
+"""Users' addresses and preferences: PUT /users/{user_id} (x-api-key), GET /users/{user_id}."""
 
 from __future__ import annotations
 
@@ -19,10 +19,17 @@ bp = Blueprint("users", __name__)
 
 
 def _as_json(u: Any) -> dict[str, Any]:
+    quiet = None
+    if u.quiet_start is not None and u.quiet_end is not None:
+        quiet = {"start": u.quiet_start.isoformat(), "end": u.quiet_end.isoformat()}
     return {
         "user_id": u.id,
         "email": u.email,
         "webhook_url": u.webhook_url,
+        "locale": u.locale,
+        "timezone": u.timezone,
+        "muted": u.muted or {},
+        "quiet_hours": quiet,
         "created_at": u.created_at.isoformat(),
         "updated_at": u.updated_at.isoformat(),
     }
@@ -47,6 +54,13 @@ def put_user(user_id: str) -> tuple[Response, int]:
             400, "invalid_json", "Send a JSON object.", {"body": ["Expected an object."]}
         )
     data = user_in.load(body)
+    if "quiet_hours" in data:
+        quiet = data.pop("quiet_hours")
+        data["quiet_start"] = quiet["start"] if quiet else None
+        data["quiet_end"] = quiet["end"] if quiet else None
+    if "muted" in data and data["muted"] is not None:
+        # Kept as given, minus empty lists and repeated channels.
+        data["muted"] = {c: sorted(set(chs)) for c, chs in data["muted"].items() if chs} or None
     now = utcnow()
     session = get_session()
     # An upsert: two concurrent PUTs of a new user cannot collide on the key.
