@@ -315,7 +315,11 @@ def _replay(s: Socket) -> None:
             rows = inbox.unacked(conn, s.user_id, after_seq=after, limit=REPLAY_PAGE)
         inbox.mark_sent(engine, [r.id for r in rows if str(r.status) == "pending"])
         for row in rows:
-            s.send(inbox.message(row))
+            if s.send(inbox.message(row)) and log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "replayed to socket",
+                    extra={"notification_id": str(row.notification_id), "user_id": s.user_id},
+                )
         if len(rows) < REPLAY_PAGE:
             return
         after = rows[-1].id

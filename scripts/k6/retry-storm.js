@@ -62,9 +62,10 @@ function modeOf(i) {
 // Each storm VU posts its share of the storm, then polls its notifications until every
 // delivery is sent or failed (dead-lettered).
 export function storm(data) {
-  const vu = exec.vu.idInTest;
+  // 0..STORM_VUS-1: one iteration per storm VU (VU ids are shared with the probe's).
+  const slot = exec.scenario.iterationInTest;
   const mine = [];
-  for (let i = vu - 1; i < STORM_POSTS; i += STORM_VUS) {
+  for (let i = slot; i < STORM_POSTS; i += STORM_VUS) {
     const users = Array.from({ length: RECIPIENTS }, (_, j) => `rs-${data.run}-${i}-${j}`);
     const r = http.post(`${BASE}/notifications`, JSON.stringify({
       user_ids: users, title: 'storm', body: `#${i}`, channels: ['webhook'],
