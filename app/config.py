@@ -120,6 +120,15 @@ class Config:
         60.0, "An attempt unfinished this long after it started is taken as lost with its worker."
     )
     WEBHOOK_TIMEOUT_SECONDS: float = setting(10.0, "Timeout of one webhook POST.")
+    CIRCUIT_FAILURES: int = setting(
+        5, "Consecutive retryable failures of a webhook URL that open its circuit."
+    )
+    CIRCUIT_OPEN_SECONDS: float = setting(
+        30.0, "First open window of a circuit; held tries return spread over this long."
+    )
+    CIRCUIT_MAX_OPEN_SECONDS: float = setting(
+        600.0, "Longest open window (each failed probe doubles it up to this)."
+    )
     WEBHOOK_SIGNING_SECRET: str = setting(
         "", "HMAC secret for webhooks of notifications sent with API_KEY; empty derives one."
     )

@@ -45,6 +45,7 @@ COUNTERS: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "retries_scheduled": (("channel",), "Retries scheduled after a failed try."),
     "retries_swept": ((), "Overdue tries the retry sweeper re-enqueued from the ZSET."),
+    "circuits_opened": ((), "Times a failing webhook URL's circuit opened."),
     "dead_letters": (("source",), "Rows written to the dead-letter table, by source."),
 }
 

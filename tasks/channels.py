@@ -14,6 +14,8 @@ A try runs in three steps:
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -40,6 +42,7 @@ from models import (
 )
 from models.base import utcnow
 from tasks import retries
+from tasks.circuit import Circuits
 from tasks.email import SmtpServer, compose, send_email
 from tasks.outcome import Outcome
 from tasks.webhook import post_webhook, signing_secret
@@ -116,9 +119,11 @@ class Result:
     # Set when a try ended: what the metrics and logs file it under.
     channel: str | None = None
     notification_id: str | None = None
+    # The webhook URL the try went (or would have gone) to: its circuit.
+    endpoint: str | None = None
 
 
-COUNTED = {"sent", "retry", "failed", "skipped", "lost", "deferred", "expired"}
+COUNTED = {"sent", "retry", "failed", "skipped", "lost", "deferred", "expired", "held"}
 
 
 class Attempts:
@@ -137,26 +142,89 @@ class Attempts:
         self.redis = client
         self.sender = sender
         self.send = send
+        self.circuits = Circuits(
+            client, cfg.CIRCUIT_FAILURES, cfg.CIRCUIT_OPEN_SECONDS, cfg.CIRCUIT_MAX_OPEN_SECONDS
+        )
 
-    def schedule(self, delivery_id: int, attempt: int, delay: float) -> None:
+    @staticmethod
+    def args(delivery_id: int, attempt: int, endpoint: str | None = None) -> list[Any]:
+        """The task's arguments; a known webhook endpoint rides along so a try can be held
+        for an open circuit before it costs a database round trip."""
+        return [delivery_id, attempt, endpoint] if endpoint else [delivery_id, attempt]
+
+    def schedule(
+        self, delivery_id: int, attempt: int, delay: float, endpoint: str | None = None
+    ) -> None:
         retries.schedule(
-            self.redis, TASK, [delivery_id, attempt], delay, self.send,
+            self.redis, TASK, self.args(delivery_id, attempt, endpoint), delay, self.send,
             max_countdown=self.cfg.RETRY_MAX_DELAY_SECONDS,
             grace=self.cfg.RETRY_SWEEP_GRACE_SECONDS,
         )  # fmt: skip
 
-    def run(self, delivery_id: int, attempt: int) -> Result:
-        result, job = self._claim(delivery_id, attempt)
+    def hold_delay(self, until: float) -> float:
+        """Until the circuit half-opens, plus a random share of a window: the held tries
+        come back spread out, not all at once."""
+        return max(0.0, until - time.time()) + random.uniform(0, self.cfg.CIRCUIT_OPEN_SECONDS)
+
+    def hold(self, delivery_ids: list[int], endpoint: str, until: float) -> None:
+        """First tries for an endpoint whose circuit is open: straight to the ZSET."""
+        for delivery_id in delivery_ids:
+            retries.schedule(
+                self.redis, TASK, self.args(delivery_id, 1, endpoint), self.hold_delay(until),
+                self.send, max_countdown=0.0, grace=self.cfg.RETRY_SWEEP_GRACE_SECONDS,
+            )  # fmt: skip
+
+    def run(self, delivery_id: int, attempt: int, endpoint: str | None = None) -> Result:
+        current = self.args(delivery_id, attempt, endpoint)
+        until = self.circuits.open_until(endpoint) if endpoint else None
+        if until is not None:
+            result = Result("held", attempt, self.hold_delay(until), Channel.WEBHOOK.value)
+            result.endpoint = endpoint
+            job = None
+        else:
+            result, job = self._claim(delivery_id, attempt)
         if job is not None:
             outcome = self.sender(job, self.cfg)
+            opened = self._trip(job, outcome)
             result = self._finish(job, outcome)
+            result.endpoint = job.address if job.channel == Channel.WEBHOOK.value else None
+            if opened is not None and result.next_attempt is not None:
+                result.delay = max(result.delay or 0.0, self.hold_delay(opened))
         if result.next_attempt is not None:
-            self.schedule(delivery_id, result.next_attempt, result.delay or 0.0)
-        # A deferred try was re-armed in the ZSET under the same member just now.
-        if result.state not in ("running", "deferred"):
-            retries.done(self.redis, TASK, [delivery_id, attempt])
+            held = result.state == "held"
+            retries.schedule(
+                self.redis, TASK, self.args(delivery_id, result.next_attempt, result.endpoint),
+                result.delay or 0.0, self.send,
+                max_countdown=0.0 if held else self.cfg.RETRY_MAX_DELAY_SECONDS,
+                grace=self.cfg.RETRY_SWEEP_GRACE_SECONDS,
+            )  # fmt: skip
+        # A try put off to later was re-armed in the ZSET just now, maybe as this member.
+        rearmed = result.next_attempt is not None and current == self.args(
+            delivery_id, result.next_attempt, result.endpoint
+        )
+        if result.state != "running" and not rearmed:
+            retries.done(self.redis, TASK, current)
         self._count(delivery_id, attempt, result)
         return result
+
+    def _trip(self, job: Job, outcome: Outcome) -> float | None:
+        """Feed a webhook try's outcome to its endpoint's circuit; the open-until time if
+        this failure opened it."""
+        if job.channel != Channel.WEBHOOK.value:
+            return None
+        try:
+            if outcome.ok or not outcome.retryable:
+                # Any answer but a retryable failure shows the receiver is up.
+                self.circuits.succeeded(job.address)
+                return None
+            opened = self.circuits.failed(job.address)
+        except redis.RedisError:
+            log.warning("could not update the circuit of %s", job.address)
+            return None
+        if opened is not None:
+            metrics.count(self.redis, "circuits_opened")
+            log.warning("circuit of webhook %s opened until %.0f", job.address, opened)
+        return opened
 
     def _count(self, delivery_id: int, attempt: int, result: Result) -> None:
         if result.state not in COUNTED or result.channel is None:
@@ -203,6 +271,13 @@ class Attempts:
             held = self._held_back(db, d, n, user, attempt, now)
             if held is not None:
                 return held, None
+            address = self._address(d, n, user)
+            if address is not None and d.channel == Channel.WEBHOOK.value:
+                until = self.circuits.open_until(address)
+                if until is not None:
+                    held = Result("held", attempt, self.hold_delay(until), d.channel, str(n.id))
+                    held.endpoint = address
+                    return held, None
             claimed = db.scalar(
                 pg_insert(DeliveryAttempt)
                 .values(delivery_id=d.id, channel=d.channel, attempt=attempt, started_at=now)
@@ -211,7 +286,6 @@ class Attempts:
             )
             if claimed is None:
                 return self._already_claimed(db, d, attempt, now), None
-            address = self._address(d, n, user)
             if address is None:
                 what = "email address" if d.channel == Channel.EMAIL.value else "webhook_url"
                 error = f"user {d.user_id!r} has no {what}"
@@ -409,5 +483,5 @@ def attempts_from_app() -> Attempts:
 
 
 @shared_task(name=TASK, ignore_result=True)
-def deliver(delivery_id: int, attempt: int = 1) -> str:
-    return attempts_from_app().run(delivery_id, attempt).state
+def deliver(delivery_id: int, attempt: int = 1, endpoint: str | None = None) -> str:
+    return attempts_from_app().run(delivery_id, attempt, endpoint).state

@@ -73,8 +73,8 @@ end
 return 0
 """
 
-# Delivery work for the workers: (lane, delivery ids, channel).
-Enqueue = Callable[[str, list[int], str], None]
+# Delivery work for the workers: (lane, delivery ids, channel[, webhook endpoint]).
+Enqueue = Callable[..., None]
 WEBSOCKET = Channel.WEBSOCKET.value
 EXTERNAL = (Channel.WEBHOOK.value, Channel.EMAIL.value)
 CHANNELS = {WEBSOCKET, *EXTERNAL}
@@ -199,6 +199,7 @@ def process_entries(
     now = utcnow()
     rows: list[NewDelivery] = []
     priority_of: dict[uuid.UUID, str] = {}
+    hook_of: dict[uuid.UUID, str] = {}
     expired_ids: list[uuid.UUID] = []
     live: list[_Entry] = []
     for e in decoded:
@@ -224,6 +225,8 @@ def process_entries(
             assert e.payload is not None
             nid = uuid.UUID(e.payload["id"])
             priority_of[nid] = str(e.payload.get("priority", "normal"))
+            if e.payload.get("webhook_url"):
+                hook_of[nid] = e.payload["webhook_url"]
             rows.extend(_deliveries_of(e.payload, nid, users, critical, now))
         if rows:
             inserted = record_deliveries(conn, rows)
@@ -276,14 +279,22 @@ def process_entries(
             log.debug("deliveries recorded", extra={"notification_id": str(nid), "deliveries": n})
 
     # Enqueue only after the commit that makes the deliveries visible to the workers.
-    lanes: dict[tuple[str, str], list[int]] = defaultdict(list)
+    # A notification's own webhook_url is known here: its tries carry it, so an open
+    # circuit holds them without a database round trip.
+    lanes: dict[tuple[str, str, str | None], list[int]] = defaultdict(list)
     for delivery_id, nid, channel in sorted(to_send):
-        lanes[(channel, lane_of(priority_of[nid]))].append(delivery_id)
-    for channel in (WEBSOCKET, *EXTERNAL):
-        for lane in ("high", "default", "low"):
-            ids = lanes.get((channel, lane), [])
-            step = delivery_batch if channel == WEBSOCKET else len(ids) or 1
-            for i in range(0, len(ids), step):
+        endpoint = hook_of.get(nid) if channel == Channel.WEBHOOK.value else None
+        lanes[(channel, lane_of(priority_of[nid]), endpoint)].append(delivery_id)
+    order = {c: i for i, c in enumerate((WEBSOCKET, *EXTERNAL))}
+    rank = {lane: i for i, lane in enumerate(("high", "default", "low"))}
+    for (channel, lane, endpoint), ids in sorted(
+        lanes.items(), key=lambda kv: (order[kv[0][0]], rank[kv[0][1]], kv[0][2] or "")
+    ):
+        step = delivery_batch if channel == WEBSOCKET else len(ids) or 1
+        for i in range(0, len(ids), step):
+            if endpoint:
+                enqueue(lane, ids[i : i + step], channel, endpoint)
+            else:
                 enqueue(lane, ids[i : i + step], channel)
     return [eid for eid, _ in entries]
 
@@ -522,7 +533,9 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-def celery_enqueue(lane: str, delivery_ids: list[int], channel: str = WEBSOCKET) -> None:
+def celery_enqueue(
+    lane: str, delivery_ids: list[int], channel: str = WEBSOCKET, endpoint: str | None = None
+) -> None:
     if channel == WEBSOCKET:
         from tasks.delivery import deliver_websocket
 
@@ -533,8 +546,12 @@ def celery_enqueue(lane: str, delivery_ids: list[int], channel: str = WEBSOCKET)
     from tasks import channels
 
     attempts = channels.attempts_from_app()
+    until = attempts.circuits.open_until(endpoint) if endpoint else None
+    if endpoint and until is not None:
+        attempts.hold(delivery_ids, endpoint, until)
+        return
     for delivery_id in delivery_ids:
-        attempts.schedule(delivery_id, 1, 0.0)
+        attempts.schedule(delivery_id, 1, 0.0, endpoint)
 
 
 def _worker_stopping() -> bool:

@@ -178,6 +178,8 @@ def platform_settings(
         "RETRY_SWEEP_GRACE_SECONDS": "1",
         "ATTEMPT_LEASE_SECONDS": "6",
         "WEBHOOK_TIMEOUT_SECONDS": "4",
+        # Each test's receiver path fails on purpose; the circuit has tests of its own.
+        "CIRCUIT_FAILURES": "1000",
         "WEBHOOK_SIGNING_SECRET": "platform-webhook-secret",
         "ESCALATION_SWEEP_SECONDS": "0.5",
         "PRESENCE_HEARTBEAT_SECONDS": "1",

@@ -43,7 +43,7 @@ def _record(client, auth, pg, rdb, **fields) -> list[int]:
     assert r.status_code == 202, r.json
     ids: list[int] = []
     entries = list(rdb.xrange("notifications:stream"))
-    process_entries(pg, entries, lambda _, d, __: ids.extend(d), 100)
+    process_entries(pg, entries, lambda _, d, *__: ids.extend(d), 100)
     return ids
 
 

@@ -162,7 +162,7 @@ def _webhook_delivery(client, auth, pg, rdb, **fields) -> int:
     assert r.status_code == 202, r.json
     ids: list[int] = []
     process_entries(pg, list(rdb.xrange("notifications:stream")),
-                    lambda _, d, __: ids.extend(d), 1)  # fmt: skip
+                    lambda _, d, *__: ids.extend(d), 1)  # fmt: skip
     rdb.delete("notifications:stream")
     return ids[-1]
 

@@ -12,7 +12,7 @@ from email.utils import format_datetime
 import pytest
 from sqlalchemy import text
 
-from tasks import retries
+from tasks import circuit, retries
 from tasks.channels import TASK, Attempts
 from tasks.outcome import Outcome
 from tasks.stream import process_entries
@@ -81,7 +81,9 @@ def webhook_delivery(client, auth, pg, rdb):
     )  # fmt: skip
     assert r.status_code == 202
     ids: list[int] = []
-    process_entries(pg, list(rdb.xrange("notifications:stream")), lambda _, d, __: ids.extend(d), 1)
+    process_entries(
+        pg, list(rdb.xrange("notifications:stream")), lambda _, d, *__: ids.extend(d), 1
+    )
     return ids[0]
 
 
@@ -104,7 +106,11 @@ def test_a_replayed_try_sends_nothing_twice(app, rdb, pg, webhook_delivery):
 
     assert calls == [1]
     # The follow-up is scheduled again by the replay (a harmless second copy of try 2).
-    assert [args for _, args, _ in sent.calls] == [[webhook_delivery, 2], [webhook_delivery, 2]]
+    hook = "http://127.0.0.1:9/hook"
+    assert [args for _, args, _ in sent.calls] == [
+        [webhook_delivery, 2, hook],  # retries name their endpoint (for its circuit)
+        [webhook_delivery, 2],
+    ]
     assert rdb.zscore(retries.RETRY_ZSET, retries.member(TASK, [webhook_delivery, 1])) is None
     assert rdb.zscore(retries.RETRY_ZSET, retries.member(TASK, [webhook_delivery, 2])) is not None
 
@@ -178,3 +184,70 @@ def test_tries_retries_and_dead_letters_are_counted_in_the_metrics(
     assert m['notifier_retries_scheduled_total{channel="webhook"}'] == 1
     assert m['notifier_dead_letters_total{source="webhook"}'] == 1
     assert m["notifier_notifications_accepted_total"] == 1
+
+
+def _failing_hook(client, auth, pg, rdb, url: str) -> int:
+    r = client.post("/notifications", json={"user_id": f"u-{url[-4:]}", "title": "t", "body": "b",
+                                            "channels": ["webhook"], "webhook_url": url},
+                    headers=auth)  # fmt: skip
+    assert r.status_code == 202
+    ids: list[int] = []
+    process_entries(
+        pg, list(rdb.xrange("notifications:stream")), lambda _, d, *__: ids.extend(d), 1
+    )
+    rdb.delete("notifications:stream")
+    return ids[-1]
+
+
+def test_a_webhook_that_keeps_failing_opens_its_circuit_and_tries_are_held_not_sent(
+    make_app, client, auth, rdb, pg
+):
+    url = "http://127.0.0.1:9/down"
+    app = make_app(CIRCUIT_FAILURES=2, CIRCUIT_OPEN_SECONDS=30, RETRY_BASE_SECONDS=0.1)
+    first, second, third = (_failing_hook(client, auth, pg, rdb, url) for _ in range(3))
+    sent = Sent()
+    attempts, calls = _attempts(app, rdb, pg, [Outcome.retry("HTTP 503")] * 2, sent)
+
+    assert attempts.run(first, 1).state == "retry"
+    second_result = attempts.run(second, 1)  # the second failure in a row opens the circuit
+    assert second_result.state == "retry"
+    assert second_result.delay >= 29  # its retry waits for the circuit, not 0.1 s
+    assert calls == [1, 1]
+
+    held = attempts.run(third, 1)  # found open after reading the delivery: held, not sent
+    assert (held.state, held.next_attempt, held.endpoint) == ("held", 1, url)
+    assert 29 <= held.delay <= 61
+    assert calls == [1, 1]
+    member = retries.member(TASK, [third, 1, url])
+    assert rdb.zscore(retries.RETRY_ZSET, member) is not None
+    assert rdb.zscore(retries.RETRY_ZSET, retries.member(TASK, [third, 1])) is None
+    grace = app.config["NOTIFIER"].RETRY_SWEEP_GRACE_SECONDS
+    due = rdb.zscore(retries.RETRY_ZSET, member) + grace  # held tries live in the ZSET only
+    assert held.delay == pytest.approx(due - time.time(), abs=2)
+
+    # Its held copy carries the endpoint: held again before any database work.
+    again = attempts.run(third, 1, url)
+    assert again.state == "held"
+    with pg.connect() as conn:
+        tries = conn.scalar(text("SELECT count(*) FROM delivery_attempts WHERE delivery_id = :d"),
+                            {"d": third})  # fmt: skip
+    assert tries == 0  # holding used none of its tries
+    metrics = _metric_samples(client, auth)
+    assert metrics["notifier_circuits_opened_total"] == 1
+    assert metrics['notifier_deliveries_total{channel="webhook",outcome="held"}'] == 2
+
+
+def test_a_success_closes_the_circuit(make_app, client, auth, rdb, pg):
+    url = "http://127.0.0.1:9/flaky"
+    app = make_app(CIRCUIT_FAILURES=1, CIRCUIT_OPEN_SECONDS=30)
+    delivery = _failing_hook(client, auth, pg, rdb, url)
+    attempts, _ = _attempts(app, rdb, pg, [Outcome.retry("HTTP 503")], Sent())
+    attempts.run(delivery, 1)
+    assert attempts.circuits.open_until(url) is not None
+
+    rdb.hset(circuit.key(url), "open_until", str(time.time() - 1))  # the window has passed
+    probe, calls = _attempts(app, rdb, pg, [Outcome.success()], Sent())
+    assert probe.run(delivery, 2, url).state == "sent"
+    assert calls == [2]
+    assert probe.circuits.open_until(url) is None
+    assert not rdb.exists(circuit.key(url))

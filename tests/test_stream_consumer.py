@@ -21,7 +21,9 @@ class Recorder:
         self.calls: list[tuple[str, list[int]]] = []
         self.external: list[tuple[str, list[int]]] = []
 
-    def __call__(self, lane: str, ids: list[int], channel: str = "websocket") -> None:
+    def __call__(
+        self, lane: str, ids: list[int], channel: str = "websocket", endpoint: str | None = None
+    ) -> None:
         if channel == "websocket":
             self.calls.append((lane, ids))
         else:

@@ -69,7 +69,8 @@ export function storm(data) {
     const users = Array.from({ length: RECIPIENTS }, (_, j) => `rs-${data.run}-${i}-${j}`);
     const r = http.post(`${BASE}/notifications`, JSON.stringify({
       user_ids: users, title: 'storm', body: `#${i}`, channels: ['webhook'],
-      webhook_url: RECEIVER_URL, data: { run: data.run, mode: modeOf(i) },
+      // One receiver URL per behaviour, as three failing services would be.
+      webhook_url: `${RECEIVER_URL}/${modeOf(i)}`, data: { run: data.run, mode: modeOf(i) },
     }), { headers, tags: { name: 'storm' } });
     if (check(r, { 'storm accepted (202)': (x) => x.status === 202 })) {
       mine.push(r.json('id'));

@@ -7,8 +7,8 @@
 
 Without --base-url it starts the platform the way the benchmarks do (scripts/bench_delivery.py:
 the `make run` processes, Flower left out, on the `notifier_bench` database and Redis DB 1),
-with retries shortened (RETRY_BASE_SECONDS=0.5, RETRY_MAX_ATTEMPTS=4) so the retry storm
-settles in seconds. For retry-storm it starts the failing webhook receiver (receiver.py).
+with retries and circuit windows shortened (FAST_RETRIES below) so the retry storm settles
+within the run. For retry-storm it starts the failing webhook receiver (receiver.py).
 Exits non-zero when any script's thresholds fail.
 """
 
@@ -31,6 +31,13 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 from receiver import Receiver  # noqa: E402
 
 K6 = str(Path(sys.executable).parent / "k6")
+# Retries and circuit windows shortened so a storm settles within the run.
+FAST_RETRIES = {
+    "RETRY_BASE_SECONDS": "0.5",
+    "RETRY_MAX_ATTEMPTS": "4",
+    "CIRCUIT_OPEN_SECONDS": "5",
+    "CIRCUIT_MAX_OPEN_SECONDS": "20",
+}
 SCRIPTS = ["websocket-storm", "notification-fanout", "reconnect-chaos", "retry-storm"]
 
 FULL: dict[str, dict[str, Any]] = {
@@ -171,7 +178,7 @@ def main() -> int:
         import bench_delivery
 
         for n in names:
-            with bench_delivery.Platform(RETRY_BASE_SECONDS="0.5", RETRY_MAX_ATTEMPTS="4"):
+            with bench_delivery.Platform(**FAST_RETRIES):
                 rows.append(
                     _run(n, f"http://127.0.0.1:{bench_delivery.PORT}", bench_delivery.API_KEY,
                          params[n])
