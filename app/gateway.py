@@ -52,6 +52,20 @@ CLOSE_NO_PONG: dict[str, Any] = {"type": "__close_no_pong__"}
 RESYNC: dict[str, Any] = {"type": "__resync__"}
 CLOSE_TOO_BIG = 1009
 HARD_FRAME_FACTOR = 16
+# Users per heartbeat call and sockets per ping round between yields: the heartbeat and
+# pinger share the process's one thread with live sends, so they never hold it for long.
+SLICE = 500
+
+
+class Live:
+    """A notification frame from Pub/Sub, serialised once per envelope and user."""
+
+    __slots__ = ("created", "id", "text")
+
+    def __init__(self, nid: str, text: str, created: float) -> None:
+        self.id = nid
+        self.text = text
+        self.created = created
 
 
 class Socket:
@@ -63,11 +77,11 @@ class Socket:
         self.id = uuid.uuid4().hex
         self.ws = ws
         self.user_id = user_id
-        self.outbox: collections.deque[dict[str, Any]] = collections.deque()
+        self.outbox: collections.deque[dict[str, Any] | Live] = collections.deque()
         self.sent: set[str] = set()
         self.sent_order: collections.deque[str] = collections.deque()
 
-    def push(self, message: dict[str, Any]) -> None:
+    def push(self, message: dict[str, Any] | Live) -> None:
         """Queue a message for this socket and wake its handler (any greenlet may call it)."""
         self.outbox.append(message)
         self.ws.event.set()
@@ -80,27 +94,34 @@ class Socket:
         if message is CLOSE_NO_PONG:
             self.ws.close(reason=1008, message="no pong to the last ping")
             return True
-        if message.get("type") == "notification":
-            nid = message["id"]
-            if nid in self.sent:
-                return False
-            self.sent.add(nid)
-            self.sent_order.append(nid)
-            if len(self.sent_order) > SENT_IDS_KEPT:
-                self.sent.discard(self.sent_order.popleft())
+        if message.get("type") == "notification" and not self._first(message["id"]):
+            return False
         self.ws.send(orjson.dumps(message).decode())
         return True
 
-    def send_live(self, message: dict[str, Any]) -> None:
+    def _first(self, nid: str) -> bool:
+        """Remember that `nid` was sent; False when it had been already."""
+        if nid in self.sent:
+            return False
+        self.sent.add(nid)
+        self.sent_order.append(nid)
+        if len(self.sent_order) > SENT_IDS_KEPT:
+            self.sent.discard(self.sent_order.popleft())
+        return True
+
+    def send_live(self, message: dict[str, Any] | Live) -> None:
         """Write a message that came through Pub/Sub, timing notifications from acceptance."""
-        if not self.send(message) or message.get("type") != "notification":
+        if not isinstance(message, Live):
+            self.send(message)
             return
-        created = datetime.fromisoformat(message["created_at"]).timestamp()
-        metrics.delivery_latency.observe(max(0.0, time.time() - created))
+        if not self._first(message.id):
+            return
+        self.ws.send(message.text)
+        metrics.delivery_latency.observe(max(0.0, time.time() - message.created))
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "sent to socket",
-                extra={"notification_id": message["id"], "user_id": self.user_id},
+                extra={"notification_id": message.id, "user_id": self.user_id},
             )
 
 
@@ -195,9 +216,15 @@ class Hub:
     def _dispatch(self, envelope: dict[str, Any]) -> None:
         if envelope["t"] == "deliver":
             base = envelope["n"]
+            # Serialise once; each user's frame only adds its own seq in front.
+            tail = orjson.dumps(base).decode()[1:]
+            created = datetime.fromisoformat(base["created_at"]).timestamp()
             for user_id, seq in envelope["to"]:
-                for s in tuple(self._sockets.get(user_id, ())):
-                    s.push({**base, "seq": seq})
+                sockets = self._sockets.get(user_id)
+                if sockets:
+                    frame = Live(base["id"], f'{{"seq":{int(seq)},{tail}', created)
+                    for s in tuple(sockets):
+                        s.push(frame)
         elif envelope["t"] == "event":
             for s in tuple(self._sockets.get(envelope["u"], ())):
                 if s.id != envelope.get("x"):
@@ -224,24 +251,30 @@ class Hub:
         """Ping every socket each interval; close the ones that did not answer the last ping."""
         while True:
             time.sleep(self._ping_every)
-            for sockets in list(self._sockets.values()):
+            for n, sockets in enumerate(list(self._sockets.values()), 1):
                 for s in tuple(sockets):
                     if not s.ws.pong_received:
                         s.push(CLOSE_NO_PONG)
                     else:
                         s.ws.pong_received = False
                         s.push(PING)
+                if n % SLICE == 0:
+                    time.sleep(0)  # let live sends through between slices of pings
 
     def _beat(self) -> None:
         while True:
             time.sleep(self._heartbeat)
             try:
-                lapsed = presence.mark_online(
-                    self.redis,  # type: ignore[arg-type]
-                    self.node_id,
-                    list(self._sockets),
-                    self._presence_ttl,
-                )
+                users = list(self._sockets)
+                lapsed = []
+                for i in range(0, len(users), SLICE):
+                    lapsed += presence.mark_online(
+                        self.redis,  # type: ignore[arg-type]
+                        self.node_id,
+                        users[i : i + SLICE],
+                        self._presence_ttl,
+                    )
+                    time.sleep(0)  # one slice at a time: live sends go on meanwhile
                 if lapsed:
                     # Delivery saw these users offline meanwhile and left their queue pending.
                     log.warning("presence of %d users had lapsed; replaying", len(lapsed))

@@ -41,22 +41,40 @@ VISIBLE = Delivery.status != DeliveryStatus.SKIPPED
 def message(row: Any) -> dict[str, Any]:
     """The JSON a client receives for one delivery row: a templated notification in the
     rendition of the recipient's language, with that language as `lang`."""
-    title, body, lang = row.title, row.body, row.lang
-    if row.renditions and row.delivery_lang in row.renditions["locales"]:
-        rendition = row.renditions["locales"][row.delivery_lang]
-        title, body, lang = rendition.get("title"), rendition.get("body"), row.delivery_lang
+    return {"type": "notification", "id": str(row.notification_id), "seq": row.id,
+            **content(row, row.delivery_lang)}  # fmt: skip
+
+
+def content(n: Any, delivery_lang: str | None) -> dict[str, Any]:
+    """A notification row's part of the frame, in the rendition of `delivery_lang` if it
+    has one (`n` carries the CONTENT_COLUMNS)."""
+    title, body, lang = n.title, n.body, n.lang
+    if n.renditions and delivery_lang in n.renditions["locales"]:
+        rendition = n.renditions["locales"][delivery_lang]
+        title, body, lang = rendition.get("title"), rendition.get("body"), delivery_lang
     return {
-        "type": "notification",
-        "id": str(row.notification_id),
-        "seq": row.id,
         "title": title,
         "body": body,
-        "data": row.data,
-        "priority": str(row.priority),
-        "category": row.category,
+        "data": n.data,
+        "priority": str(n.priority),
+        "category": n.category,
         "lang": lang,
-        "created_at": row.created_at.isoformat(),
+        "created_at": n.created_at.isoformat(),
     }
+
+
+# A notification's own columns that `content` reads.
+CONTENT_COLUMNS = (
+    Notification.id,
+    Notification.title,
+    Notification.body,
+    Notification.data,
+    Notification.priority,
+    Notification.category,
+    Notification.lang,
+    Notification.created_at,
+    Notification.renditions,
+)
 
 
 def not_expired() -> Any:

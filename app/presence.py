@@ -9,8 +9,10 @@ to those nodes only.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import orjson
 import redis
@@ -27,6 +29,22 @@ def node_channel(node_id: str) -> str:
     return NODE_CHANNEL_PREFIX + node_id
 
 
+# Renew many users' presence in one command, dropping lapsed entries first so that a
+# lapsed entry of this node counts as created. Returns the 1-based positions of the users
+# whose entry was created rather than renewed.
+_MARK_ONLINE = """
+local created = {}
+for i, key in ipairs(KEYS) do
+  redis.call('zremrangebyscore', key, '-inf', ARGV[3])
+  if redis.call('zadd', key, ARGV[2], ARGV[1]) == 1 then
+    created[#created + 1] = i
+  end
+  redis.call('pexpire', key, ARGV[4])
+end
+return created
+"""
+
+
 def mark_online(client: redis.Redis, node_id: str, users: Iterable[str], ttl: float) -> list[str]:
     """Record (or renew) that `node_id` holds sockets for `users`.
 
@@ -34,32 +52,54 @@ def mark_online(client: redis.Redis, node_id: str, users: Iterable[str], ttl: fl
     for a heartbeat, those whose presence had lapsed, so deliveries meanwhile may have
     been left in their offline queue.
     """
-    now = time.time()
     users = list(users)
-    pipe = client.pipeline(transaction=False)
-    for user_id in users:
-        key = presence_key(user_id)
-        # Drop lapsed entries first, so a lapsed entry of this node counts as created.
-        pipe.zremrangebyscore(key, "-inf", now - ttl)
-        pipe.zadd(key, {node_id: now})
-        pipe.pexpire(key, int(ttl * 1000))
-    results = pipe.execute()
-    return [u for u, added in zip(users, results[1::3], strict=True) if added]
+    if not users:
+        return []
+    now = time.time()
+    created = _script(
+        client, _MARK_ONLINE, [presence_key(u) for u in users],
+        [node_id, now, now - ttl, int(ttl * 1000)],
+    )  # fmt: skip
+    return [users[i - 1] for i in created]
 
 
 def mark_offline(client: redis.Redis, node_id: str, user_id: str) -> None:
     client.zrem(presence_key(user_id), node_id)
 
 
+# Every user's live nodes in one command: a fan-out batch asks for hundreds of users, and
+# one call with many keys costs far less to build and parse than a pipeline of as many.
+_NODES_FOR = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('zrangebyscore', key, ARGV[1], '+inf')
+end
+return out
+"""
+
+
 def nodes_for(client: redis.Redis, users: list[str], ttl: float) -> dict[str, list[str]]:
     """The live nodes holding sockets of each user; users with none are left out."""
     if not users:
         return {}
-    floor = time.time() - ttl
-    pipe = client.pipeline(transaction=False)
-    for user_id in users:
-        pipe.zrangebyscore(presence_key(user_id), floor, "+inf")
-    return {u: nodes for u, nodes in zip(users, pipe.execute(), strict=True) if nodes}
+    found = _script(client, _NODES_FOR, [presence_key(u) for u in users], [time.time() - ttl])
+    return {u: [_text(n) for n in nodes] for u, nodes in zip(users, found, strict=True) if nodes}
+
+
+def _script(client: redis.Redis, script: str, keys: list[str], args: list[Any]) -> Any:
+    """Run a Lua script by its digest, loading it on first use (or after a Redis restart)."""
+    sha = _SHAS.get(script) or _SHAS.setdefault(script, hashlib.sha1(script.encode()).hexdigest())
+    try:
+        return client.evalsha(sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        return client.eval(script, len(keys), *keys, *args)
+
+
+_SHAS: dict[str, str] = {}
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def publish_event(

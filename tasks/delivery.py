@@ -18,7 +18,8 @@ import orjson
 import redis
 from celery import shared_task
 from flask import current_app
-from sqlalchemy import Engine, select
+from sqlalchemy import BigInteger, Engine, any_, cast, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import OperationalError
 
@@ -43,20 +44,34 @@ def deliver_websocket_batch(
     engine: Engine, client: redis.Redis, delivery_ids: list[int], presence_ttl: float
 ) -> WebsocketResult:
     """Publish the un-acked deliveries among `delivery_ids` to their users' nodes."""
-    # Autocommit: a lone SELECT needs no BEGIN/ROLLBACK round trips.
+    # Autocommit: lone SELECTs need no BEGIN/ROLLBACK round trips. Two narrow reads rather
+    # than one wide join: a fan-out batch is hundreds of rows of one notification, whose
+    # content is read and serialised once, not once per row.
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         rows = conn.execute(
-            select(Delivery.user_id, *inbox.MESSAGE_COLUMNS)
-            .join(Notification, Notification.id == Delivery.notification_id)
-            # Sent copies too: another socket's replay may have sent (and marked) this one
-            # meanwhile, and the user's other sockets still need it; sockets drop repeats.
-            .where(
-                Delivery.id.in_(delivery_ids),
+            select(Delivery.id, Delivery.user_id, Delivery.notification_id, Delivery.lang).where(
+                Delivery.id == any_(cast(delivery_ids, ARRAY(BigInteger))),
+                # Sent copies too: another socket's replay may have sent (and marked) this
+                # one meanwhile, and the user's other sockets still need it; sockets drop
+                # repeats.
                 Delivery.status.in_((DeliveryStatus.PENDING, DeliveryStatus.SENT)),
                 Delivery.acked_at.is_(None),
-                inbox.not_expired(),
             )
         ).all()
+        notifications = (
+            {
+                n.id: n
+                for n in conn.execute(
+                    select(*inbox.CONTENT_COLUMNS).where(
+                        Notification.id.in_({r.notification_id for r in rows}),
+                        inbox.not_expired(),
+                    )
+                )
+            }
+            if rows
+            else {}
+        )
+    rows = [r for r in rows if r.notification_id in notifications]
     if not rows:
         return WebsocketResult(0, 0)
 
@@ -67,11 +82,13 @@ def deliver_websocket_batch(
     targets: dict[tuple[Any, str | None, str], list[Any]] = defaultdict(list)
     for row in rows:
         for node_id in online.get(row.user_id, ()):
-            variant = (row.notification_id, row.delivery_lang)
+            variant = (row.notification_id, row.lang)
             if variant not in base:
-                message = inbox.message(row)
-                del message["seq"]
-                base[variant] = message
+                base[variant] = {
+                    "type": "notification",
+                    "id": str(row.notification_id),
+                    **inbox.content(notifications[row.notification_id], row.lang),
+                }
             targets[(*variant, node_id)].append(row)
 
     pipe = client.pipeline(transaction=False)

@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import redis
@@ -75,6 +75,10 @@ return 0
 
 # Delivery work for the workers: (lane, delivery ids, channel[, webhook endpoint]).
 Enqueue = Callable[..., None]
+# Deliveries per transaction: a fan-out's first delivery tasks start while the rest of its
+# recipients are still being written, instead of after all 10,000 are.
+RECORD_CHUNK = 1000
+RANK = {lane: i for i, lane in enumerate(("high", "default", "low"))}
 WEBSOCKET = Channel.WEBSOCKET.value
 EXTERNAL = (Channel.WEBHOOK.value, Channel.EMAIL.value)
 CHANNELS = {WEBSOCKET, *EXTERNAL}
@@ -133,33 +137,46 @@ class NewDelivery:
     skipped: str | None = None
 
 
-def record_deliveries(conn: Connection | Session, rows: list[NewDelivery]) -> list[Any]:
-    """Insert deliveries, skipping ones that exist; returns (id, notification_id, channel,
-    status) of those inserted."""
-    # One statement over arrays: a 10,000-recipient fan-out is one round trip and no
-    # per-row parameter handling.
-    return list(
-        conn.execute(
-            text(
-                "INSERT INTO deliveries "
-                "(notification_id, user_id, channel, status, escalate_at, lang, last_error) "
-                "SELECT n, u, c, CAST(s AS delivery_status), e, l, m FROM unnest("
-                "CAST(:nids AS uuid[]), CAST(:users AS text[]), CAST(:channels AS text[]), "
-                "CAST(:escalate AS timestamptz[]), CAST(:langs AS text[]), "
-                "CAST(:statuses AS text[]), CAST(:errors AS text[])) AS r(n, u, c, e, l, s, m) "
-                "ON CONFLICT (notification_id, user_id, channel) DO NOTHING "
-                "RETURNING id, notification_id, channel, status"
-            ),
-            {
-                "nids": [str(r.notification_id) for r in rows],
-                "users": [r.user_id for r in rows],
-                "channels": [r.channel for r in rows],
-                "escalate": [r.escalate_at for r in rows],
-                "langs": [r.lang for r in rows],
-                "statuses": ["skipped" if r.skipped else "pending" for r in rows],
-                "errors": [r.skipped for r in rows],
-            },
-        )
+class Inserted(NamedTuple):
+    id: int
+    notification_id: str
+    channel: str
+    status: str
+
+
+def record_deliveries(conn: Connection | Session, rows: list[NewDelivery]) -> list[Inserted]:
+    """Insert deliveries, skipping ones that exist; returns those inserted, in id order."""
+    # One statement over arrays, ids back as one array per (notification, channel, status):
+    # a 10,000-recipient fan-out is one round trip, and the driver builds a handful of
+    # result rows rather than 10,000.
+    groups = conn.execute(
+        text(
+            "WITH ins AS ("
+            "INSERT INTO deliveries "
+            "(notification_id, user_id, channel, status, escalate_at, lang, last_error) "
+            "SELECT n, u, c, CAST(s AS delivery_status), e, l, m FROM unnest("
+            "CAST(:nids AS uuid[]), CAST(:users AS text[]), CAST(:channels AS text[]), "
+            "CAST(:escalate AS timestamptz[]), CAST(:langs AS text[]), "
+            "CAST(:statuses AS text[]), CAST(:errors AS text[])) AS r(n, u, c, e, l, s, m) "
+            "ON CONFLICT (notification_id, user_id, channel) DO NOTHING "
+            "RETURNING id, notification_id, channel, status) "
+            "SELECT notification_id::text, channel, status::text, array_agg(id) "
+            "FROM ins GROUP BY 1, 2, 3"
+        ),
+        {
+            "nids": [str(r.notification_id) for r in rows],
+            "users": [r.user_id for r in rows],
+            "channels": [r.channel for r in rows],
+            "escalate": [r.escalate_at for r in rows],
+            "langs": [r.lang for r in rows],
+            "statuses": ["skipped" if r.skipped else "pending" for r in rows],
+            "errors": [r.skipped for r in rows],
+        },
+    ).all()
+    return sorted(
+        Inserted(delivery_id, nid, channel, status)
+        for nid, channel, status, ids in groups
+        for delivery_id in ids
     )
 
 
@@ -198,8 +215,9 @@ def process_entries(
     decoded = [_decode(eid, fields) for eid, fields in entries]
     now = utcnow()
     rows: list[NewDelivery] = []
-    priority_of: dict[uuid.UUID, str] = {}
-    hook_of: dict[uuid.UUID, str] = {}
+    # Keyed by the notification id as text, the form the inserted rows come back in.
+    priority_of: dict[str, str] = {}
+    hook_of: dict[str, str] = {}
     expired_ids: list[uuid.UUID] = []
     live: list[_Entry] = []
     for e in decoded:
@@ -211,74 +229,98 @@ def process_entries(
             continue
         live.append(e)
 
-    to_send: list[tuple[int, uuid.UUID, str]] = []
-    with engine.begin() as conn:
-        # Only templated or categorised notifications need the recipients' preferences.
-        wanted = {
-            u
-            for e in live
-            if e.payload.get("renditions") or e.payload.get("category")  # type: ignore[union-attr]
-            for u in e.payload["recipients"]  # type: ignore[index]
-        }
+    # Only templated or categorised notifications need the recipients' preferences.
+    wanted = {
+        u
+        for e in live
+        if e.payload.get("renditions") or e.payload.get("category")  # type: ignore[union-attr]
+        for u in e.payload["recipients"]  # type: ignore[index]
+    }
+    with engine.connect() as conn:
         users = recipients_info(conn, wanted)
-        for e in live:
-            assert e.payload is not None
-            nid = uuid.UUID(e.payload["id"])
-            priority_of[nid] = str(e.payload.get("priority", "normal"))
-            if e.payload.get("webhook_url"):
-                hook_of[nid] = e.payload["webhook_url"]
-            rows.extend(_deliveries_of(e.payload, nid, users, critical, now))
-        if rows:
-            inserted = record_deliveries(conn, rows)
-            to_send.extend(
-                (r.id, r.notification_id, r.channel)
-                for r in inserted
-                if r.status == DeliveryStatus.PENDING.value
-            )
-            if replay:
-                fresh = {delivery_id for delivery_id, _, _ in to_send}
-                to_send.extend(
-                    tuple(row)
-                    for row in conn.execute(
-                        select(Delivery.id, Delivery.notification_id, Delivery.channel).where(
-                            Delivery.notification_id.in_(list(priority_of)),
-                            Delivery.status == DeliveryStatus.PENDING,
-                        )
-                    )
-                    if row[0] not in fresh
-                )
-        if expired_ids:
-            conn.execute(
-                update(Notification)
-                .where(Notification.id.in_(expired_ids))
-                .values(status=NotificationStatus.EXPIRED)
-            )
-        if dead:
-            by_id = {e.entry_id: e for e in decoded}
-            conn.execute(
-                pg_insert(DeadLetter),
-                [
-                    {
-                        "source": "stream",
-                        "stream_entry_id": eid,
-                        "notification_id": _maybe_uuid(by_id[eid].fields.get("id")),
-                        "payload": by_id[eid].payload or {"fields": by_id[eid].fields},
-                        "error": error,
-                        "attempts": 0,
-                    }
-                    for eid, error in dead.items()
-                    if eid in by_id
-                ],
-            )
+    for e in live:
+        assert e.payload is not None
+        nid = uuid.UUID(e.payload["id"])
+        priority_of[str(nid)] = str(e.payload.get("priority", "normal"))
+        if e.payload.get("webhook_url"):
+            hook_of[str(nid)] = e.payload["webhook_url"]
+        rows.extend(_deliveries_of(e.payload, nid, users, critical, now))
+    # High priority first, so its chunk is the first committed and enqueued.
+    rows.sort(key=lambda r: RANK[lane_of(priority_of[str(r.notification_id)])])
+    chunks = [rows[i : i + RECORD_CHUNK] for i in range(0, len(rows), RECORD_CHUNK)] or [[]]
 
+    fresh: set[int] = set()
+    for i, chunk in enumerate(chunks):
+        to_send: list[tuple[int, str, str]] = []
+        with engine.begin() as conn:
+            if chunk:
+                to_send = [
+                    (r.id, r.notification_id, r.channel)
+                    for r in record_deliveries(conn, chunk)
+                    if r.status == DeliveryStatus.PENDING.value
+                ]
+                fresh.update(delivery_id for delivery_id, _, _ in to_send)
+            if i == len(chunks) - 1:
+                if replay and rows:
+                    to_send.extend(
+                        (row.id, str(row.notification_id), row.channel)
+                        for row in conn.execute(
+                            select(Delivery.id, Delivery.notification_id, Delivery.channel).where(
+                                Delivery.notification_id.in_([uuid.UUID(n) for n in priority_of]),
+                                Delivery.status == DeliveryStatus.PENDING,
+                            )
+                        )
+                        if row.id not in fresh
+                    )
+                _record_expired_and_dead(conn, expired_ids, dead, decoded)
+        # Enqueue only after the commit that makes these deliveries visible to the workers.
+        _enqueue(to_send, enqueue, delivery_batch, priority_of, hook_of)
+    return [eid for eid, _ in entries]
+
+
+def _record_expired_and_dead(
+    conn: Connection, expired_ids: list[uuid.UUID], dead: dict[str, str], decoded: list[_Entry]
+) -> None:
+    if expired_ids:
+        conn.execute(
+            update(Notification)
+            .where(Notification.id.in_(expired_ids))
+            .values(status=NotificationStatus.EXPIRED)
+        )
+    if dead:
+        by_id = {e.entry_id: e for e in decoded}
+        conn.execute(
+            pg_insert(DeadLetter),
+            [
+                {
+                    "source": "stream",
+                    "stream_entry_id": eid,
+                    "notification_id": _maybe_uuid(by_id[eid].fields.get("id")),
+                    "payload": by_id[eid].payload or {"fields": by_id[eid].fields},
+                    "error": error,
+                    "attempts": 0,
+                }
+                for eid, error in dead.items()
+                if eid in by_id
+            ],
+        )
+
+
+def _enqueue(
+    to_send: list[tuple[int, str, str]],
+    enqueue: Enqueue,
+    delivery_batch: int,
+    priority_of: dict[str, str],
+    hook_of: dict[str, str],
+) -> None:
+    """Hand deliveries to the workers: batches per channel and lane, high lanes first."""
     if log.isEnabledFor(logging.DEBUG):
-        per_notification: dict[uuid.UUID, int] = defaultdict(int)
+        per_notification: dict[str, int] = defaultdict(int)
         for _, nid, _ in to_send:
             per_notification[nid] += 1
         for nid, n in per_notification.items():
-            log.debug("deliveries recorded", extra={"notification_id": str(nid), "deliveries": n})
+            log.debug("deliveries recorded", extra={"notification_id": nid, "deliveries": n})
 
-    # Enqueue only after the commit that makes the deliveries visible to the workers.
     # A notification's own webhook_url is known here: its tries carry it, so an open
     # circuit holds them without a database round trip.
     lanes: dict[tuple[str, str, str | None], list[int]] = defaultdict(list)
@@ -286,9 +328,8 @@ def process_entries(
         endpoint = hook_of.get(nid) if channel == Channel.WEBHOOK.value else None
         lanes[(channel, lane_of(priority_of[nid]), endpoint)].append(delivery_id)
     order = {c: i for i, c in enumerate((WEBSOCKET, *EXTERNAL))}
-    rank = {lane: i for i, lane in enumerate(("high", "default", "low"))}
     for (channel, lane, endpoint), ids in sorted(
-        lanes.items(), key=lambda kv: (order[kv[0][0]], rank[kv[0][1]], kv[0][2] or "")
+        lanes.items(), key=lambda kv: (order[kv[0][0]], RANK[kv[0][1]], kv[0][2] or "")
     ):
         step = delivery_batch if channel == WEBSOCKET else len(ids) or 1
         for i in range(0, len(ids), step):
@@ -296,7 +337,6 @@ def process_entries(
                 enqueue(lane, ids[i : i + step], channel, endpoint)
             else:
                 enqueue(lane, ids[i : i + step], channel)
-    return [eid for eid, _ in entries]
 
 
 def _deliveries_of(

@@ -10,7 +10,14 @@ import pytest
 from sqlalchemy import text
 
 from app.config import Config
-from tasks.stream import StreamConsumer, ensure_group, lane_of, process_entries, trim_stream
+from tasks.stream import (
+    RECORD_CHUNK,
+    StreamConsumer,
+    ensure_group,
+    lane_of,
+    process_entries,
+    trim_stream,
+)
 
 STREAM, GROUP = "notifications:stream", "notifier_group"
 NOTE = {"title": "t", "body": "b"}
@@ -63,6 +70,25 @@ def test_process_entries_records_one_delivery_per_recipient_and_enqueues_by_lane
     lanes = [lane for lane, _ in enqueue.calls]
     assert lanes == ["high", "low", "low"]  # high first; low split into batches of 2
     assert sorted(enqueue.ids) == [1, 2, 3, 4]
+
+
+def test_fan_out_larger_than_a_chunk_is_recorded_and_enqueued_once_high_first(
+    client, auth, pg, rdb
+):
+    many = RECORD_CHUNK * 2 + RECORD_CHUNK // 2
+    _post(client, auth, user_ids=[f"u{i}" for i in range(many)], priority="low")
+    _post(client, auth, user_id="vip", priority="high")
+    enqueue = Recorder()
+
+    process_entries(pg, _entries(rdb), enqueue, delivery_batch=500)
+
+    assert _deliveries(pg) == many + 1
+    assert enqueue.calls[0][0] == "high"
+    assert sorted(enqueue.ids) == list(range(1, many + 2))
+    again = Recorder()
+    process_entries(pg, _entries(rdb), again, delivery_batch=500)
+    assert _deliveries(pg) == many + 1
+    assert sorted(again.ids) == list(range(1, many + 2))  # all still pending: offered again
 
 
 def test_replayed_entries_create_no_duplicates(client, auth, pg, rdb):
