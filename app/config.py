@@ -147,7 +147,8 @@ class Config:
     )
     CRITICAL_CATEGORIES: str = setting(
         "security",
-        "Comma-separated categories whose `priority: high` notifications ignore users' mutes.",
+        "Comma-separated categories whose `priority: high` notifications ignore users' mutes "
+        "and quiet hours.",
     )
 
     LOG_LEVEL: str = setting(

@@ -2,11 +2,12 @@
 
 Plain functions of the user's settings and the time, so the rules are tested without a
 clock or a database. The rules:
-- a channel muted for the notification's category is skipped, unless the notification is
-  `priority: high` in a category the operator marks critical (CRITICAL_CATEGORIES);
+- a channel muted for the notification's category is skipped;
 - email and webhook deliveries due inside the user's quiet hours (local time in their
-  time zone) wait for the end of the window; in-app delivery never waits, and neither
-  does a `priority: high` notification.
+  time zone) wait for the end of the window; in-app delivery never waits;
+- a `priority: high` notification in a category the operator marks critical
+  (CRITICAL_CATEGORIES) overrides both: a sender cannot wake users at night, or reach
+  what they muted, by calling anything high priority.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def valid_timezone(name: str) -> bool:
     return True
 
 
+def overrides(category: str | None, priority: str, critical: Collection[str]) -> bool:
+    """Whether the notification passes the user's mutes and quiet hours."""
+    return priority == Priority.HIGH.value and category in critical
+
+
 def is_muted(
     muted: Mapping[str, Any] | None,
     category: str | None,
@@ -38,7 +44,7 @@ def is_muted(
 ) -> bool:
     if not muted or category is None or channel not in (muted.get(category) or ()):
         return False
-    return not (priority == Priority.HIGH.value and category in critical)
+    return not overrides(category, priority, critical)
 
 
 def quiet_until(
@@ -66,12 +72,12 @@ def quiet_until(
 def deferral(
     now: datetime,
     channel: str,
-    priority: str,
     tz_name: str | None,
     start: time | None,
     end: time | None,
+    override: bool = False,
 ) -> datetime | None:
     """When an email or webhook delivery due `now` may go out, if not now."""
-    if channel not in QUIET_CHANNELS or priority == Priority.HIGH.value:
+    if channel not in QUIET_CHANNELS or override:
         return None
     return quiet_until(now, tz_name, start, end)

@@ -337,8 +337,9 @@ class Attempts:
             )
             return Result("skipped", channel=d.channel, notification_id=mark)
         until = preferences.deferral(
-            now, d.channel, str(n.priority), user.timezone, user.quiet_start, user.quiet_end
-        )
+            now, d.channel, user.timezone, user.quiet_start, user.quiet_end,
+            override=preferences.overrides(n.category, str(n.priority), critical),
+        )  # fmt: skip
         if until is None:
             return None
         db.execute(update(Delivery).where(Delivery.id == d.id).values(deferred_until=until))

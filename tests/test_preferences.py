@@ -10,7 +10,7 @@ from datetime import UTC, datetime, time, timedelta
 import pytest
 from sqlalchemy import text
 
-from app.preferences import deferral, is_muted, quiet_until
+from app.preferences import deferral, is_muted, overrides, quiet_until
 from tasks import retries
 from tasks.channels import TASK, Attempts
 from tasks.outbox import stream_unstreamed
@@ -54,12 +54,19 @@ def test_quiet_hours_end_at_local_time_across_the_autumn_dst_change():
     assert quiet_until(at("2026-11-01T12:00:00+00:00"), "America/New_York", *NIGHT) is None
 
 
-def test_only_email_and_webhook_wait_and_high_priority_never_does():
+def test_only_email_and_webhook_wait_and_an_override_never_does():
     now = at("2026-11-21T23:30:00+00:00")
-    assert deferral(now, "email", "normal", "UTC", *NIGHT) == at("2026-11-22T07:00:00+00:00")
-    assert deferral(now, "webhook", "low", "UTC", *NIGHT) is not None
-    assert deferral(now, "websocket", "normal", "UTC", *NIGHT) is None
-    assert deferral(now, "email", "high", "UTC", *NIGHT) is None
+    assert deferral(now, "email", "UTC", *NIGHT) == at("2026-11-22T07:00:00+00:00")
+    assert deferral(now, "webhook", "UTC", *NIGHT) is not None
+    assert deferral(now, "websocket", "UTC", *NIGHT) is None
+    assert deferral(now, "email", "UTC", *NIGHT, override=True) is None
+
+
+def test_only_high_priority_in_a_critical_category_overrides_preferences():
+    assert overrides("security", "high", {"security"})
+    assert not overrides("security", "normal", {"security"})
+    assert not overrides("marketing", "high", {"security"})
+    assert not overrides(None, "high", {"security"})
 
 
 def test_mutes_apply_per_category_and_channel_and_critical_high_priority_overrides():
@@ -233,12 +240,24 @@ def test_a_deferral_longer_than_the_countdown_cap_is_left_to_the_sweeper(
     assert score == pytest.approx(clock.time() + result.delay - 15, abs=5)
 
 
-def test_high_priority_is_sent_inside_quiet_hours(app, client, auth, pg, rdb):
+def test_high_priority_in_a_critical_category_is_sent_inside_quiet_hours(
+    app, client, auth, pg, rdb
+):
     _quiet_now(client, auth)
-    delivery = _webhook_delivery(client, auth, pg, rdb, priority="high")
+    delivery = _webhook_delivery(client, auth, pg, rdb, priority="high", category="security")
     attempts, calls = _attempts(app, pg, rdb, Sent())
     assert attempts.run(delivery, 1).state == "sent"
     assert calls == [1]
+
+
+def test_high_priority_outside_critical_categories_still_waits_for_quiet_hours(
+    app, client, auth, pg, rdb
+):
+    _quiet_now(client, auth)
+    delivery = _webhook_delivery(client, auth, pg, rdb, priority="high", category="marketing")
+    attempts, calls = _attempts(app, pg, rdb, Sent())
+    assert attempts.run(delivery, 1).state == "deferred"
+    assert calls == []
 
 
 def test_a_channel_muted_after_the_delivery_was_recorded_is_skipped_when_tried(

@@ -101,7 +101,7 @@ def test_templated_email_arrives_in_the_users_language_with_parameters_escaped(r
     assert msg.get_body(("html",)).get_content().strip() == "<p>Hallo &lt;b&gt;Eve&lt;/b&gt;</p>"
 
 
-def test_quiet_hours_hold_a_webhook_until_the_window_ends_but_not_a_high_priority_one(
+def test_quiet_hours_hold_a_webhook_until_the_window_ends_but_not_a_critical_one(
     running, receiver
 ):
     port, _ = running
@@ -116,7 +116,8 @@ def test_quiet_hours_hold_a_webhook_until_the_window_ends_but_not_a_high_priorit
                         "end": end_local.strftime("%H:%M:%S")}})  # fmt: skip
     normal = {"user_id": u, "title": "normal", "body": "b", "channels": ["webhook"]}
     assert post(port, "/notifications", normal)[0] == 202
-    assert post(port, "/notifications", {**normal, "title": "urgent", "priority": "high"})[0] == 202
+    urgent = {**normal, "title": "urgent", "priority": "high", "category": "security"}
+    assert post(port, "/notifications", urgent)[0] == 202
 
     wait_until(lambda: len(receiver.of(u)) >= 2, timeout=40)
     arrivals = {c["body"].decode().split('"title":"')[1].split('"')[0]: c["wall"]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import os
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import yaml
 
 import celeryconfig
 from app.config import Config
+from tasks.stream import LEASE_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,8 +147,26 @@ def test_compose_workers_scale_and_flower_sits_behind_basic_auth():
         assert "container_name" not in services[name]
         assert "ports" not in services[name]  # `--scale worker=N` needs no port of its own
     assert any(part.startswith("--basic-auth=") for part in services["flower"]["command"])
-    for name in ("postgres", "redis", "api"):
-        assert services[name]["healthcheck"]["test"], name
+    for name, service in services.items():
+        if name != "migrate":  # a one-shot step: `service_completed_successfully` covers it
+            assert service["healthcheck"]["test"], name
+    consumer_check = services["stream-consumer"]["healthcheck"]["test"][-1]
+    assert f"{LEASE_PREFIX}*" in consumer_check
+    for name in ("worker", "channels-worker"):
+        # The ping must name the node the command starts, or a healthy worker looks dead.
+        node = _option(services[name]["command"], "-n").split("@")[0]
+        assert f"-d {node}@$$HOSTNAME" in services[name]["healthcheck"]["test"][1], name
     redis_cmd = services["redis"]["command"]
     assert redis_cmd[redis_cmd.index("--appendfsync") + 1] == "everysec"
     assert services["redis"]["volumes"]
+
+
+def test_compose_consumer_healthcheck_passes_only_while_a_consumer_holds_its_lease(rdb, redis_url):
+    check = _compose()["services"]["stream-consumer"]["healthcheck"]["test"]
+    assert check[:2] == ["CMD", "python"]
+    # The image's python has the project's packages; here that is this interpreter.
+    command = [sys.executable, *check[2:]]
+    env = {**os.environ, "REDIS_URL": redis_url}
+    assert subprocess.run(command, env=env, timeout=60).returncode == 1
+    rdb.set(f"{LEASE_PREFIX}consumer-1", "token", px=15_000)
+    assert subprocess.run(command, env=env, timeout=60).returncode == 0

@@ -76,7 +76,7 @@ function hold(me) {
 }
 
 export function listen(data) {
-  const first = (exec.vu.idInTest - 1) * PER_VU;
+  const first = exec.scenario.iterationInTest * PER_VU;
   for (let idx = first; idx < Math.min(first + PER_VU, USERS); idx++) {
     // Spread the connects over most of CONNECT_S rather than opening them all at once.
     setTimeout(() => hold(userName(data.run, idx)), (idx / USERS) * CONNECT_S * 700);

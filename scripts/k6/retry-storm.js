@@ -19,7 +19,8 @@ const RECIPIENTS = parseInt(__ENV.RECIPIENTS || '100', 10);
 const STORM_VUS = parseInt(__ENV.STORM_VUS || '5', 10);
 const PROBE_RATE = parseInt(__ENV.PROBE_RATE || '50', 10);
 const PROBE_S = parseInt(__ENV.PROBE_S || '30', 10);
-// Long enough for a 'down' delivery's every try with `make run`'s retry settings.
+// Long enough for a 'down' delivery's every try with the short retry and circuit windows
+// of scripts/k6/run.py (FAST_RETRIES); the production defaults hold tries far longer.
 const SETTLE_S = parseInt(__ENV.SETTLE_S || '150', 10);
 const INGEST_P95_MS = __ENV.INGEST_P95_MS || '200';
 const INGEST_P99_MS = __ENV.INGEST_P99_MS || '500';
