@@ -124,7 +124,7 @@ class Config:
         5, "Consecutive retryable failures of a webhook URL that open its circuit."
     )
     CIRCUIT_OPEN_SECONDS: float = setting(
-        30.0, "First open window of a circuit; held tries return spread over this long."
+        30.0, "First open window of a circuit; waiting tries return spread over this long."
     )
     CIRCUIT_MAX_OPEN_SECONDS: float = setting(
         600.0, "Longest open window (each failed probe doubles it up to this)."

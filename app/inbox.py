@@ -18,12 +18,8 @@ from models.base import utcnow
 WEBSOCKET = Channel.WEBSOCKET.value
 UNACKED = (DeliveryStatus.PENDING, DeliveryStatus.SENT)
 
-# What a client's notification frame is built from (see `message`).
-MESSAGE_COLUMNS = (
-    Delivery.id,
-    Delivery.notification_id,
-    Delivery.status,
-    Delivery.read_at,
+# A notification's own columns that `content` reads.
+_CONTENT = (
     Notification.title,
     Notification.body,
     Notification.data,
@@ -32,8 +28,17 @@ MESSAGE_COLUMNS = (
     Notification.lang,
     Notification.created_at,
     Notification.renditions,
+)
+# What a client's notification frame is built from (see `message`).
+MESSAGE_COLUMNS = (
+    Delivery.id,
+    Delivery.notification_id,
+    Delivery.status,
+    Delivery.read_at,
+    *_CONTENT,
     Delivery.lang.label("delivery_lang"),
 )
+CONTENT_COLUMNS = (Notification.id, *_CONTENT)
 # Muted copies are recorded (as skipped) but are not the user's to see.
 VISIBLE = Delivery.status != DeliveryStatus.SKIPPED
 
@@ -61,20 +66,6 @@ def content(n: Any, delivery_lang: str | None) -> dict[str, Any]:
         "lang": lang,
         "created_at": n.created_at.isoformat(),
     }
-
-
-# A notification's own columns that `content` reads.
-CONTENT_COLUMNS = (
-    Notification.id,
-    Notification.title,
-    Notification.body,
-    Notification.data,
-    Notification.priority,
-    Notification.category,
-    Notification.lang,
-    Notification.created_at,
-    Notification.renditions,
-)
 
 
 def not_expired() -> Any:

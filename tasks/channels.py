@@ -6,7 +6,8 @@ A try runs in three steps:
    (make sure its follow-up is scheduled), is running elsewhere (leave it), or started
    longer than ATTEMPT_LEASE_SECONDS ago without finishing, so its worker died: that try
    is recorded as lost and the next one is scheduled, never the same one again;
-2. send, outside any transaction;
+2. send, outside any transaction; a webhook whose URL's circuit is open is not sent and
+   the try fails fast (tasks/circuit.py);
 3. record the outcome, and after that commit schedule the next try or write the dead
    letter, then drop the try's mirror in the retry ZSET.
 """
@@ -18,7 +19,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
@@ -148,8 +149,8 @@ class Attempts:
 
     @staticmethod
     def args(delivery_id: int, attempt: int, endpoint: str | None = None) -> list[Any]:
-        """The task's arguments; a known webhook endpoint rides along so a try can be held
-        for an open circuit before it costs a database round trip."""
+        """The task's arguments; a known webhook endpoint rides along and names the try's
+        retry ZSET member."""
         return [delivery_id, attempt, endpoint] if endpoint else [delivery_id, attempt]
 
     def schedule(
@@ -176,20 +177,19 @@ class Attempts:
 
     def run(self, delivery_id: int, attempt: int, endpoint: str | None = None) -> Result:
         current = self.args(delivery_id, attempt, endpoint)
-        until = self.circuits.open_until(endpoint) if endpoint else None
-        if until is not None:
-            result = Result("held", attempt, self.hold_delay(until), Channel.WEBHOOK.value)
-            result.endpoint = endpoint
-            job = None
-        else:
-            result, job = self._claim(delivery_id, attempt)
+        result, job = self._claim(delivery_id, attempt)
         if job is not None:
-            outcome = self.sender(job, self.cfg)
-            opened = self._trip(job, outcome)
-            result = self._finish(job, outcome)
-            result.endpoint = job.address if job.channel == Channel.WEBHOOK.value else None
-            if opened is not None and result.next_attempt is not None:
-                result.delay = max(result.delay or 0.0, self.hold_delay(opened))
+            webhook = job.channel == Channel.WEBHOOK.value
+            until = self.circuits.open_until(job.address) if webhook else None
+            if until is not None:
+                result = self._fail_fast(job, until)
+            else:
+                outcome = self.sender(job, self.cfg)
+                opened = self._trip(job, outcome)
+                result = self._finish(job, outcome)
+                if opened is not None and result.next_attempt is not None:
+                    result.delay = max(result.delay or 0.0, self.hold_delay(opened))
+            result.endpoint = job.address if webhook else None
         if result.next_attempt is not None:
             held = result.state == "held"
             retries.schedule(
@@ -205,6 +205,20 @@ class Attempts:
         if result.state != "running" and not rearmed:
             retries.done(self.redis, TASK, current)
         self._count(delivery_id, attempt, result)
+        return result
+
+    def _fail_fast(self, job: Job, until: float) -> Result:
+        """A try whose endpoint's circuit is open: not sent, but counted like a failed one,
+        its next try no sooner than the circuit half-opens. A receiver that stays down
+        gets no requests, and its deliveries still end in dead letters after their last
+        try instead of waiting for it forever."""
+        when = datetime.fromtimestamp(until, UTC).isoformat(timespec="seconds")
+        result = self._finish(
+            job, Outcome.retry(f"not sent: this webhook URL's circuit is open until {when}")
+        )
+        if result.next_attempt is not None:
+            result.state = "held"
+            result.delay = max(result.delay or 0.0, self.hold_delay(until))
         return result
 
     def _trip(self, job: Job, outcome: Outcome) -> float | None:
@@ -272,12 +286,6 @@ class Attempts:
             if held is not None:
                 return held, None
             address = self._address(d, n, user)
-            if address is not None and d.channel == Channel.WEBHOOK.value:
-                until = self.circuits.open_until(address)
-                if until is not None:
-                    held = Result("held", attempt, self.hold_delay(until), d.channel, str(n.id))
-                    held.endpoint = address
-                    return held, None
             claimed = db.scalar(
                 pg_insert(DeliveryAttempt)
                 .values(delivery_id=d.id, channel=d.channel, attempt=attempt, started_at=now)

@@ -3,12 +3,14 @@ for a while instead of being hammered by every retry of every delivery waiting f
 
 State lives in Redis, shared by every channels worker: per endpoint URL, the count of
 consecutive retryable failures and, once that reaches CIRCUIT_FAILURES, the time until
-which the circuit is open. While open, tries for the endpoint are not sent: they wait in
-the retry ZSET until the circuit half-opens, spread over CIRCUIT_OPEN_SECONDS so they do
-not return all at once, and waiting uses none of a delivery's tries. The first try after
+which the circuit is open. While open, first tries for the endpoint wait in the retry
+ZSET until the circuit half-opens, spread over CIRCUIT_OPEN_SECONDS so they do not return
+all at once; a try that still finds it open is not sent and fails fast, counted like any
+failed try, its next one no sooner than the circuit half-opens. The first try sent after
 the window is the probe: a success closes the circuit, a failure opens it again for twice
-as long (up to CIRCUIT_MAX_OPEN_SECONDS). A delivery still ends in dead letters after
-RETRY_MAX_ATTEMPTS real tries; it just makes them at a pace the receiver can bear.
+as long (up to CIRCUIT_MAX_OPEN_SECONDS). So a receiver that stays down gets a probe per
+window and nothing else, and its deliveries still reach dead letters after
+RETRY_MAX_ATTEMPTS tries rather than waiting on it forever.
 """
 
 from __future__ import annotations

@@ -101,9 +101,7 @@ def test_templated_email_arrives_in_the_users_language_with_parameters_escaped(r
     assert msg.get_body(("html",)).get_content().strip() == "<p>Hallo &lt;b&gt;Eve&lt;/b&gt;</p>"
 
 
-def test_quiet_hours_hold_a_webhook_until_the_window_ends_but_not_a_critical_one(
-    running, receiver
-):
+def test_quiet_hours_hold_a_webhook_until_the_window_ends_but_not_a_critical_one(running, receiver):
     port, _ = running
     u = user()
     tz = ZoneInfo("Asia/Kolkata")  # UTC+05:30: the window is in the user's local time

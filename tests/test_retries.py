@@ -199,7 +199,7 @@ def _failing_hook(client, auth, pg, rdb, url: str) -> int:
     return ids[-1]
 
 
-def test_a_webhook_that_keeps_failing_opens_its_circuit_and_tries_are_held_not_sent(
+def test_a_webhook_that_keeps_failing_opens_its_circuit_and_tries_fail_fast_unsent(
     make_app, client, auth, rdb, pg
 ):
     url = "http://127.0.0.1:9/down"
@@ -214,27 +214,40 @@ def test_a_webhook_that_keeps_failing_opens_its_circuit_and_tries_are_held_not_s
     assert second_result.delay >= 29  # its retry waits for the circuit, not 0.1 s
     assert calls == [1, 1]
 
-    held = attempts.run(third, 1)  # found open after reading the delivery: held, not sent
-    assert (held.state, held.next_attempt, held.endpoint) == ("held", 1, url)
+    held = attempts.run(third, 1)  # the circuit is open: not sent, counted as a try
+    assert (held.state, held.next_attempt, held.endpoint) == ("held", 2, url)
     assert 29 <= held.delay <= 61
     assert calls == [1, 1]
-    member = retries.member(TASK, [third, 1, url])
-    assert rdb.zscore(retries.RETRY_ZSET, member) is not None
-    assert rdb.zscore(retries.RETRY_ZSET, retries.member(TASK, [third, 1])) is None
+    member = retries.member(TASK, [third, 2, url])
     grace = app.config["NOTIFIER"].RETRY_SWEEP_GRACE_SECONDS
     due = rdb.zscore(retries.RETRY_ZSET, member) + grace  # held tries live in the ZSET only
     assert held.delay == pytest.approx(due - time.time(), abs=2)
-
-    # Its held copy carries the endpoint: held again before any database work.
-    again = attempts.run(third, 1, url)
-    assert again.state == "held"
     with pg.connect() as conn:
-        tries = conn.scalar(text("SELECT count(*) FROM delivery_attempts WHERE delivery_id = :d"),
-                            {"d": third})  # fmt: skip
-    assert tries == 0  # holding used none of its tries
+        outcome, error = conn.execute(
+            text("SELECT outcome, error FROM delivery_attempts WHERE delivery_id = :d"),
+            {"d": third},
+        ).one()
+    assert (outcome, "circuit is open" in error) == ("retry", True)
     metrics = _metric_samples(client, auth)
     assert metrics["notifier_circuits_opened_total"] == 1
-    assert metrics['notifier_deliveries_total{channel="webhook",outcome="held"}'] == 2
+    assert metrics['notifier_deliveries_total{channel="webhook",outcome="held"}'] == 1
+
+
+def test_a_receiver_that_stays_down_ends_in_dead_letters_without_more_requests(
+    make_app, client, auth, rdb, pg
+):
+    url = "http://127.0.0.1:9/gone"
+    app = make_app(CIRCUIT_FAILURES=1, CIRCUIT_OPEN_SECONDS=30, RETRY_MAX_ATTEMPTS=3)
+    delivery = _failing_hook(client, auth, pg, rdb, url)
+    attempts, calls = _attempts(app, rdb, pg, [Outcome.retry("HTTP 503")], Sent())
+
+    results = [attempts.run(delivery, n, url) for n in (1, 2, 3)]
+
+    assert [r.state for r in results] == ["retry", "held", "failed"]
+    assert calls == [1]  # only the try that opened the circuit reached the receiver
+    with pg.connect() as conn:
+        assert conn.scalar(text("SELECT count(*) FROM dead_letters WHERE delivery_id = :d"),
+                           {"d": delivery}) == 1  # fmt: skip
 
 
 def test_a_success_closes_the_circuit(make_app, client, auth, rdb, pg):

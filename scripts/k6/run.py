@@ -183,11 +183,14 @@ def main() -> int:
                     _run(n, f"http://127.0.0.1:{bench_delivery.PORT}", bench_delivery.API_KEY,
                          params[n])
                 )  # fmt: skip
-    print(f"\nmachine: {platform.machine()}, {_cpus()} CPUs, Python {platform.python_version()}")
+    where = (
+        f"Machine: {platform.machine()}, {_cpus()} CPUs, Python {platform.python_version()}; "
+        "the platform, PostgreSQL, Redis and k6 on it."
+    )
     table = docs_table(rows, params)
-    print(table)
+    print(f"\n{where}\n{table}")
     if args.docs:
-        write_docs(table)
+        write_docs(f"{where}\n\n{table}")
     return 0 if all(r["passed"] for r in rows) else 1
 
 
