@@ -9,10 +9,8 @@ to those nodes only.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable
-from typing import Any
 
 import orjson
 import redis
@@ -56,10 +54,9 @@ def mark_online(client: redis.Redis, node_id: str, users: Iterable[str], ttl: fl
     if not users:
         return []
     now = time.time()
-    created = _script(
-        client, _MARK_ONLINE, [presence_key(u) for u in users],
-        [node_id, now, now - ttl, int(ttl * 1000)],
-    )  # fmt: skip
+    created = client.register_script(_MARK_ONLINE)(
+        keys=[presence_key(u) for u in users], args=[node_id, now, now - ttl, int(ttl * 1000)]
+    )
     return [users[i - 1] for i in created]
 
 
@@ -82,24 +79,10 @@ def nodes_for(client: redis.Redis, users: list[str], ttl: float) -> dict[str, li
     """The live nodes holding sockets of each user; users with none are left out."""
     if not users:
         return {}
-    found = _script(client, _NODES_FOR, [presence_key(u) for u in users], [time.time() - ttl])
-    return {u: [_text(n) for n in nodes] for u, nodes in zip(users, found, strict=True) if nodes}
-
-
-def _script(client: redis.Redis, script: str, keys: list[str], args: list[Any]) -> Any:
-    """Run a Lua script by its digest, loading it on first use (or after a Redis restart)."""
-    sha = _SHAS.get(script) or _SHAS.setdefault(script, hashlib.sha1(script.encode()).hexdigest())
-    try:
-        return client.evalsha(sha, len(keys), *keys, *args)
-    except redis.exceptions.NoScriptError:
-        return client.eval(script, len(keys), *keys, *args)
-
-
-_SHAS: dict[str, str] = {}
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    found = client.register_script(_NODES_FOR)(
+        keys=[presence_key(u) for u in users], args=[time.time() - ttl]
+    )
+    return {u: nodes for u, nodes in zip(users, found, strict=True) if nodes}
 
 
 def publish_event(

@@ -58,19 +58,17 @@ def deliver_websocket_batch(
                 Delivery.acked_at.is_(None),
             )
         ).all()
-        notifications = (
-            {
-                n.id: n
-                for n in conn.execute(
-                    select(*inbox.CONTENT_COLUMNS).where(
-                        Notification.id.in_({r.notification_id for r in rows}),
-                        inbox.not_expired(),
-                    )
+        if not rows:
+            return WebsocketResult(0, 0)
+        notifications = {
+            n.id: n
+            for n in conn.execute(
+                select(*inbox.CONTENT_COLUMNS).where(
+                    Notification.id.in_({r.notification_id for r in rows}),
+                    inbox.not_expired(),
                 )
-            }
-            if rows
-            else {}
-        )
+            )
+        }
     rows = [r for r in rows if r.notification_id in notifications]
     if not rows:
         return WebsocketResult(0, 0)

@@ -236,17 +236,22 @@ def process_entries(
         if e.payload.get("renditions") or e.payload.get("category")  # type: ignore[union-attr]
         for u in e.payload["recipients"]  # type: ignore[index]
     }
-    with engine.connect() as conn:
-        users = recipients_info(conn, wanted)
+    users: dict[str, Recipient] = {}
+    if wanted:
+        with engine.connect() as conn:
+            users = recipients_info(conn, wanted)
+    rank_of: dict[uuid.UUID, int] = {}
     for e in live:
         assert e.payload is not None
         nid = uuid.UUID(e.payload["id"])
-        priority_of[str(nid)] = str(e.payload.get("priority", "normal"))
+        priority = str(e.payload.get("priority", "normal"))
+        priority_of[str(nid)] = priority
+        rank_of[nid] = RANK[lane_of(priority)]
         if e.payload.get("webhook_url"):
             hook_of[str(nid)] = e.payload["webhook_url"]
         rows.extend(_deliveries_of(e.payload, nid, users, critical, now))
     # High priority first, so its chunk is the first committed and enqueued.
-    rows.sort(key=lambda r: RANK[lane_of(priority_of[str(r.notification_id)])])
+    rows.sort(key=lambda r: rank_of[r.notification_id])
     chunks = [rows[i : i + RECORD_CHUNK] for i in range(0, len(rows), RECORD_CHUNK)] or [[]]
 
     fresh: set[int] = set()
