@@ -71,7 +71,7 @@ class Live:
 class Socket:
     """One client connection: its outbox and what it has been sent."""
 
-    __slots__ = ("id", "outbox", "sent", "sent_order", "user_id", "ws")
+    __slots__ = ("counted", "id", "outbox", "sent", "sent_order", "user_id", "ws")
 
     def __init__(self, ws: Any, user_id: str) -> None:
         self.id = uuid.uuid4().hex
@@ -80,6 +80,7 @@ class Socket:
         self.outbox: collections.deque[dict[str, Any] | Live] = collections.deque()
         self.sent: set[str] = set()
         self.sent_order: collections.deque[str] = collections.deque()
+        self.counted = False
 
     def push(self, message: dict[str, Any] | Live) -> None:
         """Queue a message for this socket and wake its handler (any greenlet may call it)."""
@@ -169,7 +170,6 @@ class Hub:
 
     def add(self, s: Socket) -> None:
         self._sockets[s.user_id].add(s)
-        metrics.open_sockets.inc()
         assert self.redis is not None
         presence.mark_online(self.redis, self.node_id, [s.user_id], self._presence_ttl)
 
@@ -178,7 +178,8 @@ class Hub:
         if users is None or s not in users:
             return
         users.discard(s)
-        metrics.open_sockets.dec()
+        if s.counted:
+            metrics.open_sockets.dec()
         if not users:
             del self._sockets[s.user_id]
             try:
@@ -186,6 +187,13 @@ class Hub:
                 presence.mark_offline(self.redis, self.node_id, s.user_id)
             except redis.RedisError:
                 log.warning("could not clear presence of %s; it lapses by TTL", s.user_id)
+
+    @staticmethod
+    def ready(s: Socket) -> None:
+        """Count a socket as open once its connect-time replay is sent: a client that load
+        tests a fan-out waits for this count, and must not post while replays still run."""
+        s.counted = True
+        metrics.open_sockets.inc()
 
     def resync(self, users: list[str] | None = None) -> None:
         """Have sockets replay their un-acked notifications (all sockets when `users` is None)."""
@@ -332,6 +340,7 @@ def websocket(ws: Any, user_id: str) -> None:
     try:
         hub.add(s)
         _replay(s)
+        hub.ready(s)
         _serve(s, hub)
     except ConnectionClosed:
         pass

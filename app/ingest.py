@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 import redis
 from sqlalchemy import Engine, insert, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -169,10 +170,14 @@ class IngestWriter:
         now = utcnow()
         marking, self._unmarked = self._unmarked, []
         try:
-            with self._engine.begin() as conn:
-                if marking:
-                    self._mark(conn, marking)
-                fresh = self._insert(conn, batch, now)
+            if any(p.idem for p in batch):
+                with self._engine.begin() as conn:
+                    if marking:
+                        self._mark(conn, marking)
+                    fresh = self._insert(conn, batch, now)
+            else:
+                self._insert_and_mark(batch, marking, now)
+                fresh = batch
         except Exception:
             self._unmarked.extend(marking)
             raise
@@ -180,6 +185,27 @@ class IngestWriter:
             pending.row["created_at"] = now
             pending.outcome = Outcome("accepted", pending.response)
         return fresh
+
+    def _insert_and_mark(
+        self, batch: list[_Pending], marking: list[uuid.UUID], now: datetime
+    ) -> None:
+        """Insert the batch and mark the previous one streamed in one statement.
+
+        One statement is atomic on its own: no BEGIN and COMMIT round trips, and one JSON
+        parameter instead of a bind parameter per column and row. Under gevent every round
+        trip is a wait behind the requests that arrived meanwhile, so this is what keeps
+        the writer's cycle short at a few hundred requests a second.
+        """
+        columns = ", ".join(dict.fromkeys(["created_at", *batch[0].row]))
+        rows = orjson.dumps([{**p.row, "created_at": now} for p in batch]).decode()
+        with self._engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql(
+                "WITH marked AS (UPDATE notifications SET streamed_at = now() "
+                "WHERE id = ANY(CAST(%(marking)s AS uuid[]))) "
+                f"INSERT INTO notifications ({columns}) SELECT {columns} "
+                "FROM json_populate_recordset(NULL::notifications, %(rows)s)",
+                {"marking": [str(i) for i in marking], "rows": rows},
+            )
 
     def _insert(self, conn: Any, batch: list[_Pending], now: datetime) -> list[_Pending]:
         self._resolve_idempotency(conn, [p for p in batch if p.idem], now)

@@ -51,13 +51,13 @@ COUNTERS: dict[str, tuple[tuple[str, ...], str]] = {
 
 open_sockets = Gauge(
     f"{PREFIX}open_sockets",
-    "WebSockets open on this gateway process.",
+    "WebSockets open on this gateway process, counted once their connect-time replay is sent.",
     multiprocess_mode="liveall",
 )
 delivery_latency = Histogram(
     f"{PREFIX}delivery_latency_seconds",
     "From the notification's acceptance to its live send on a socket.",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 5, 10, 30),
 )
 
 

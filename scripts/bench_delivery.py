@@ -48,7 +48,9 @@ WORKER_POOL = os.environ.get("BENCH_WORKER_POOL", "-P threads -c 4").split()
 class Platform:
     """The processes `make run` starts (Flower left out), on the bench database."""
 
-    def __init__(self, web_workers: int = 2, api_only: bool = False, **settings: str) -> None:
+    def __init__(
+        self, web_workers: int | None = None, api_only: bool = False, **settings: str
+    ) -> None:
         self.api_only = api_only
         self.env = {
             **os.environ,
@@ -57,12 +59,14 @@ class Platform:
             "API_KEY": API_KEY,
             "PORT": str(PORT),
             "BIND_HOST": "127.0.0.1",
-            "WEB_CONCURRENCY": str(web_workers),
             "STREAM_WATCHDOG_SECONDS": "1",
             "STREAM_BACKLOG_LIMIT": "10000000",
             "LOG_LEVEL": "WARNING",
             **settings,
         }
+        if web_workers is not None:
+            self.env["WEB_CONCURRENCY"] = str(web_workers)
+        # Otherwise gunicorn.conf.py's default (or the caller's WEB_CONCURRENCY), as `make run`.
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs = Path(tempfile.mkdtemp(prefix="notifier-bench-"))
 
@@ -260,16 +264,35 @@ def scenario_idle() -> list[dict[str, Any]]:
     }]  # fmt: skip
 
 
+def sent_within() -> dict[float, float]:
+    """The gateway's own delivery_latency histogram: frames written to sockets within each
+    bucket's bound of acceptance, summed over the gateway processes."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{PORT}/metrics", timeout=10).read().decode()
+    buckets: dict[float, float] = {}
+    for line in body.splitlines():
+        if line.startswith("notifier_delivery_latency_seconds_bucket{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            if bound != "+Inf":
+                buckets[float(bound)] = buckets.get(float(bound), 0.0) + float(line.split()[-1])
+    return buckets
+
+
 def scenario_fanout() -> list[dict[str, Any]]:
     users = 10_000
     with Platform():
         s = k6("notification-fanout.js", USERS=users, CONNECT_S=30, WAIT_S=15)
+        written = sent_within()
     received = metric(s, "fanout_received", "count")
     worst = metric(s, "fanout_receipt_ms", "max")
+    # The platform's side apart from the load client's: k6 reads the 10,000 frames on the
+    # same two cores, and on this box that takes it longer than the gateway's writing them.
+    all_by = min((b for b, n in written.items() if n >= users), default=float("inf"))
     return [{
         "scenario": f"one notification to {users:,} connected users",
         "figure": f"{received:.0f} received; p50 {metric(s, 'fanout_receipt_ms', 'p(50)'):.0f} ms, "
-                  f"last {worst:.0f} ms after the POST",
+                  f"last {worst:.0f} ms after the POST; the gateway wrote "
+                  f"{written.get(1.0, 0) / users:.0%} of the frames within 1 s of acceptance "
+                  f"and all within {all_by:g} s",
         "target": "all received within 1 s",
         "met": received >= users and worst < 1000,
     }]  # fmt: skip

@@ -257,7 +257,15 @@ def process_entries(
     fresh: set[int] = set()
     for i, chunk in enumerate(chunks):
         to_send: list[tuple[int, str, str]] = []
-        with engine.begin() as conn:
+        last = i == len(chunks) - 1
+        # A chunk that is only the insert needs no transaction: one statement is atomic on
+        # its own, and BEGIN and COMMIT would be two more round trips per chunk.
+        alone = not (last and ((replay and rows) or expired_ids or dead))
+        with (
+            engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            if alone
+            else engine.begin()
+        ) as conn:
             if chunk:
                 to_send = [
                     (r.id, r.notification_id, r.channel)
@@ -265,7 +273,7 @@ def process_entries(
                     if r.status == DeliveryStatus.PENDING.value
                 ]
                 fresh.update(delivery_id for delivery_id, _, _ in to_send)
-            if i == len(chunks) - 1:
+            if not alone:
                 if replay and rows:
                     to_send.extend(
                         (row.id, str(row.notification_id), row.channel)

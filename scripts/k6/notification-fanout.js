@@ -9,7 +9,7 @@ import http from 'k6/http';
 import exec from 'k6/execution';
 import { check, sleep } from 'k6';
 import { Counter, Trend } from 'k6/metrics';
-import { setTimeout } from 'k6/timers';
+import { clearInterval, setInterval, setTimeout } from 'k6/timers';
 import { WebSocket } from 'k6/experimental/websockets';
 
 const BASE = __ENV.BASE_URL || 'http://127.0.0.1:8000';
@@ -20,6 +20,8 @@ const PER_VU = parseInt(__ENV.PER_VU || '100', 10);
 const CONNECT_S = parseInt(__ENV.CONNECT_S || '10', 10);
 const WAIT_S = parseInt(__ENV.WAIT_S || '10', 10);
 const RECEIPT_P99_MS = __ENV.RECEIPT_P99_MS || '1000';
+// Clients ack what they got once per ACK_EVERY_MS, as in delivery.js (0: each on receipt).
+const ACK_EVERY_MS = parseInt(__ENV.ACK_EVERY_MS || '1000', 10);
 // SEND=0 only holds the sockets open (idle-socket memory measurement).
 const SEND = (__ENV.SEND || '1') !== '0';
 // The sender may wait up to CONNECT_S more for stragglers before it posts.
@@ -58,9 +60,14 @@ export function setup() {
   return { run: __ENV.RUN_ID || `${Date.now()}` };
 }
 
+// Sockets with acks waiting, flushed by one timer per VU rather than one per socket.
+const unacked = new Set();
+
 function hold(me) {
   let got = 0;
+  const toAck = [];
   const socket = new WebSocket(`${WS_BASE}/ws/${me}`, null, { headers: { 'x-api-key': API_KEY } });
+  const ack = () => socket.send(JSON.stringify({ type: 'ack', ids: toAck.splice(0) }));
   socket.onopen = () => connected.add(1);
   socket.onerror = () => socketErrors.add(1);
   socket.onmessage = (event) => {
@@ -70,7 +77,8 @@ function hold(me) {
     if (got > 1) { duplicates.add(1); return; }
     receipt.add(Date.now() - f.data.t);
     received.add(1);
-    socket.send(JSON.stringify({ type: 'ack', ids: [f.id] }));
+    toAck.push(f.id);
+    if (ACK_EVERY_MS > 0) unacked.add(ack); else ack();
   };
   setTimeout(() => socket.close(), HOLD_S * 1000);
 }
@@ -80,6 +88,13 @@ export function listen(data) {
   for (let idx = first; idx < Math.min(first + PER_VU, USERS); idx++) {
     // Spread the connects over most of CONNECT_S rather than opening them all at once.
     setTimeout(() => hold(userName(data.run, idx)), (idx / USERS) * CONNECT_S * 700);
+  }
+  if (ACK_EVERY_MS > 0) {
+    const flush = setInterval(() => {
+      for (const ack of unacked) ack();
+      unacked.clear();
+    }, ACK_EVERY_MS);
+    setTimeout(() => clearInterval(flush), HOLD_S * 1000 - ACK_EVERY_MS);
   }
 }
 
