@@ -60,32 +60,44 @@ SLICE = 500
 class Live:
     """A notification frame from Pub/Sub, serialised once per envelope and user."""
 
-    __slots__ = ("created", "id", "text")
+    __slots__ = ("created", "high", "id", "text")
 
-    def __init__(self, nid: str, text: str, created: float) -> None:
+    def __init__(self, nid: str, text: str, created: float, high: bool = False) -> None:
         self.id = nid
         self.text = text
         self.created = created
+        self.high = high
 
 
 class Socket:
     """One client connection: its outbox and what it has been sent."""
 
-    __slots__ = ("counted", "id", "outbox", "sent", "sent_order", "user_id", "ws")
+    __slots__ = ("counted", "id", "outbox", "sent", "sent_order", "urgent", "user_id", "ws")
 
     def __init__(self, ws: Any, user_id: str) -> None:
         self.id = uuid.uuid4().hex
         self.ws = ws
         self.user_id = user_id
         self.outbox: collections.deque[dict[str, Any] | Live] = collections.deque()
+        # High-priority notifications go out before whatever low ones are still queued.
+        self.urgent: collections.deque[Live] = collections.deque()
         self.sent: set[str] = set()
         self.sent_order: collections.deque[str] = collections.deque()
         self.counted = False
 
     def push(self, message: dict[str, Any] | Live) -> None:
         """Queue a message for this socket and wake its handler (any greenlet may call it)."""
-        self.outbox.append(message)
+        if isinstance(message, Live) and message.high:
+            self.urgent.append(message)
+        else:
+            self.outbox.append(message)
         self.ws.event.set()
+
+    def next_message(self) -> dict[str, Any] | Live | None:
+        """The next queued message, high-priority live ones first; None when none waits."""
+        if self.urgent:
+            return self.urgent.popleft()
+        return self.outbox.popleft() if self.outbox else None
 
     def send(self, message: dict[str, Any]) -> bool:
         """Write one message; False when it is a notification this socket already had."""
@@ -227,10 +239,11 @@ class Hub:
             # Serialise once; each user's frame only adds its own seq in front.
             tail = orjson.dumps(base).decode()[1:]
             created = datetime.fromisoformat(base["created_at"]).timestamp()
+            high = base.get("priority") == "high"
             for user_id, seq in envelope["to"]:
                 sockets = self._sockets.get(user_id)
                 if sockets:
-                    frame = Live(base["id"], f'{{"seq":{int(seq)},{tail}', created)
+                    frame = Live(base["id"], f'{{"seq":{int(seq)},{tail}', created, high)
                     for s in tuple(sockets):
                         s.push(frame)
         elif envelope["t"] == "event":
@@ -371,8 +384,7 @@ def _serve(s: Socket, hub: Hub) -> None:
     """Alternate between sending queued messages and handling client frames until closed."""
     ws = s.ws
     while True:
-        while s.outbox:
-            message = s.outbox.popleft()
+        while (message := s.next_message()) is not None:
             if message is RESYNC:
                 _replay(s)
             else:

@@ -21,6 +21,8 @@ def entry_fields(notification: dict[str, Any]) -> dict[str, str]:
     return {
         "id": payload["id"],
         "priority": str(notification["priority"]),
+        # Lets the consumer size its work (and put high priority first) before decoding.
+        "recipients": str(len(notification.get("recipients") or ())),
         "payload": orjson.dumps(payload).decode(),
     }
 

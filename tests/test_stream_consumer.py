@@ -293,3 +293,32 @@ def test_watchdog_starts_a_consumer_only_when_its_lease_has_lapsed(make_app, rdb
     assert started == ["c-2"]
     assert again == []  # c-2 is reserved for the task just enqueued
     assert rdb.llen("stream") == 1  # one consume_stream message, on the consumer queue
+
+
+def test_high_priority_arriving_mid_batch_overtakes_the_rest_of_a_big_low_read(
+    app, client, auth, pg, rdb
+):
+    consumer, enqueue = _consumer(app, rdb, pg)
+    assert consumer.acquire(None)
+    ensure_group(rdb, STREAM, GROUP)
+    # Four low fan-outs, each most of a recording group: one read takes all four.
+    for i in range(4):
+        _post(
+            client, auth, user_ids=[f"low{i}-{j}" for j in range(RECORD_CHUNK - 10)], priority="low"
+        )
+    first_call = enqueue.__call__
+
+    def post_high_on_first_enqueue(*args, **kwargs):
+        if not enqueue.calls:
+            _post(client, auth, user_id="vip", priority="high")
+        first_call(*args, **kwargs)
+
+    consumer.enqueue = post_high_on_first_enqueue
+    consumer.read_once(own_pending=False)
+
+    lanes = [lane for lane, _ in enqueue.calls]
+    # The high one went out after the first low group, not after all four.
+    assert lanes.index("high") < len(lanes) - 2
+    assert lanes.count("high") == 1
+    assert _deliveries(pg) == 4 * (RECORD_CHUNK - 10) + 1
+    assert rdb.xpending(STREAM, GROUP)["pending"] == 0
