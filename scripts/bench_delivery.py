@@ -116,6 +116,7 @@ class Platform:
                 pass
             time.sleep(0.5)
         else:
+            self.__exit__()  # no orphans left to consume the next run's stream
             raise SystemExit(f"platform did not start; logs in {self.logs}")
         r.close()
         time.sleep(2)
