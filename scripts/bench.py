@@ -139,7 +139,7 @@ def main() -> int:
     bench_delivery.LATENCY_CSV.unlink(missing_ok=True)
     for name in args.scenarios or list(bench_delivery.SCENARIOS):
         print(f"== {name}", flush=True)
-        rows += [{"name": name, **row} for row in bench_delivery.SCENARIOS[name]()]
+        rows += [{"name": name, **row} for row in bench_delivery.run_scenario(name)]
     plot = plot_latency(bench_delivery.LATENCY_CSV, PLOT)
     section = report(rows, plot)
     print(section)
