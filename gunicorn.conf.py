@@ -8,11 +8,12 @@ import tempfile
 bind = f"{os.environ.get('BIND_HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 # gevent: each socket is a greenlet, so one process holds thousands of idle WebSockets.
 worker_class = "gevent"
-# Half the cores by default: `make run` puts the stream consumer, the delivery workers,
-# PostgreSQL and Redis on the same machine. On the 2-core benchmark box one process beat
-# two at 500 notifications/s (p50 75-169 ms against 176-289 ms) and in the 10,000-user
-# fan-out: bigger ingest batches, fewer processes contending for the cores.
-workers = int(os.environ.get("WEB_CONCURRENCY") or max(1, (os.cpu_count() or 2) // 2))
+# Two processes, or half the cores where there are more: `make run` puts the stream
+# consumer, the delivery workers, PostgreSQL and Redis on the same machine. On the 2-core
+# benchmark box one process and two measured alike for latency at 500/s, but one process
+# capped 10-recipient POSTs at 1,866 deliveries/s where two sustained 1,972/s
+# (docs/BENCHMARKS.md).
+workers = int(os.environ.get("WEB_CONCURRENCY") or max(2, (os.cpu_count() or 2) // 2))
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "12000"))
 # Long enough for load balancers and benchmark clients that reuse connections.
 keepalive = 75
