@@ -1,7 +1,8 @@
 """The stream consumer: reads `notifications:stream` by consumer group and fans out deliveries.
 
-For each batch of entries it expands recipients, records the deliveries in PostgreSQL in
-one transaction, enqueues delivery tasks per priority lane, and only then XACKs. Entries
+For each group of entries (about RECORD_CHUNK deliveries) it expands recipients, records
+the deliveries in PostgreSQL in bulk, enqueues delivery tasks per priority lane, and only
+then XACKs; entries that arrived meanwhile are sorted in by priority between groups. Entries
 left pending by a consumer that died are claimed with XAUTOCLAIM once idle longer than
 STREAM_CLAIM_IDLE_MS; an entry handed out more than STREAM_MAX_DELIVERIES times goes to
 the dead-letter table instead of looping.
