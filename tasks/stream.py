@@ -74,6 +74,8 @@ end
 return 0
 """
 
+# A stream entry as read: its id and fields.
+StreamEntry = tuple[str, dict[str, str]]
 # Delivery work for the workers: (lane, delivery ids, channel[, webhook endpoint]).
 Enqueue = Callable[..., None]
 # Deliveries per transaction: a fan-out's first delivery tasks start while the rest of its
@@ -92,6 +94,11 @@ def lease_key(consumer: str) -> str:
 def lane_of(priority: str) -> str:
     """The Celery queue a priority's deliveries go to."""
     return {"high": "high", "low": "low"}.get(priority, "default")
+
+
+def rank(priority: str) -> int:
+    """Sort key of a priority: its lane's place in the order high, default, low."""
+    return RANK[lane_of(priority)]
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
@@ -247,7 +254,7 @@ def process_entries(
         nid = uuid.UUID(e.payload["id"])
         priority = str(e.payload.get("priority", "normal"))
         priority_of[str(nid)] = priority
-        rank_of[nid] = RANK[lane_of(priority)]
+        rank_of[nid] = rank(priority)
         if e.payload.get("webhook_url"):
             hook_of[str(nid)] = e.payload["webhook_url"]
         rows.extend(_deliveries_of(e.payload, nid, users, critical, now))
@@ -545,7 +552,7 @@ class StreamConsumer:
         return dead
 
     def _handle(
-        self, entries: list[tuple[str, dict[str, str]]], dead: dict[str, str], replay: bool = True
+        self, entries: list[StreamEntry], dead: dict[str, str], replay: bool = True
     ) -> None:
         """Process `entries` a group of about RECORD_CHUNK deliveries at a time, XACKing each.
 
@@ -592,13 +599,13 @@ class StreamConsumer:
 QUEUE_MAX_ENTRIES = 2000
 
 
-def _rank_of_entry(entry: tuple[str, dict[str, str]]) -> int:
-    return RANK[lane_of(entry[1].get("priority", "normal"))]
+def _rank_of_entry(entry: StreamEntry) -> int:
+    return rank(entry[1].get("priority", "normal"))
 
 
 def _take_group(
-    entries: list[tuple[str, dict[str, str]]], deliveries: int
-) -> tuple[list[tuple[str, dict[str, str]]], list[tuple[str, dict[str, str]]]]:
+    entries: list[StreamEntry], deliveries: int
+) -> tuple[list[StreamEntry], list[StreamEntry]]:
     """The leading entries that make about `deliveries` deliveries (at least one), and the rest.
 
     An entry's size is its recipient count as written at ingest (1 when absent).
