@@ -28,7 +28,7 @@ from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 from wsproto.events import Ping
 
-from app import inbox, metrics, presence
+from app import db, inbox, metrics, presence
 from app.auth import authenticate_api_key, bearer_token
 from app.redis_client import make_redis
 from app.tokens import InvalidToken, verify
@@ -366,7 +366,7 @@ def _replay(s: Socket) -> None:
     engine = current_app.extensions["db.engine"]
     after = 0
     while True:
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with db.autocommit(engine) as conn:
             rows = inbox.unacked(conn, s.user_id, after_seq=after, limit=REPLAY_PAGE)
         inbox.mark_sent(engine, [r.id for r in rows if str(r.status) == "pending"])
         for row in rows:

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, func, or_, select, text, update
 
+from app import db
 from models import Channel, Delivery, DeliveryStatus, Notification
 from models.base import utcnow
 
@@ -135,7 +136,7 @@ def mark_sent(engine: Engine, delivery_ids: list[int]) -> None:
     # One round trip: both statements run as one implicit transaction. A lost "sent" mark
     # costs nothing (the copy stays in the offline queue until acked), so this commit need
     # not wait for the WAL flush.
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+    with db.autocommit(engine) as conn:
         conn.exec_driver_sql(
             "SET LOCAL synchronous_commit = off; "
             "UPDATE deliveries SET status = 'sent', sent_at = now() "
@@ -177,7 +178,7 @@ def ack_many(engine: Engine, acks: list[tuple[str, uuid.UUID]]) -> None:
     """
     if not acks:
         return
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+    with db.autocommit(engine) as conn:
         conn.exec_driver_sql(
             "SET LOCAL synchronous_commit = off; "
             "UPDATE deliveries d SET status = 'acked', acked_at = now(), "

@@ -27,7 +27,7 @@ import redis
 from sqlalchemy import Engine, insert, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from app import metrics
+from app import db, metrics
 from app.stream import entry_fields
 from models import IdempotencyKey, Notification
 from models.base import utcnow
@@ -199,7 +199,7 @@ class IngestWriter:
         # The row's keys are column names set by the API code, never by a client.
         columns = ", ".join(dict.fromkeys(["created_at", *batch[0].row]))
         rows = orjson.dumps([{**p.row, "created_at": now} for p in batch]).decode()
-        with self._engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with db.autocommit(self._engine) as conn:
             conn.exec_driver_sql(
                 "WITH marked AS (UPDATE notifications SET streamed_at = now() "
                 "WHERE id = ANY(CAST(%(marking)s AS uuid[]))) "

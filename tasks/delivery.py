@@ -18,12 +18,12 @@ import orjson
 import redis
 from celery import shared_task
 from flask import current_app
-from sqlalchemy import BigInteger, Engine, any_, cast, select
+from sqlalchemy import BigInteger, Engine, String, Uuid, any_, bindparam, cast, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import OperationalError
 
-from app import inbox, metrics, presence
+from app import db, inbox, metrics, presence
 from app.config import Config
 from models import Channel, DeadLetter, Delivery, DeliveryStatus, Notification
 from tasks import retries
@@ -32,6 +32,28 @@ log = logging.getLogger(__name__)
 
 TASK = "tasks.delivery.deliver_websocket"
 WEBSOCKET = Channel.WEBSOCKET.value
+
+
+# Built once: a statement built per call costs more CPU than its round trip (construction
+# and cache-key generation), and a task may carry a single delivery.
+_UNACKED = select(
+    Delivery.id,
+    Delivery.user_id,
+    # As text: a fan-out batch is hundreds of rows of one notification, and the driver would
+    # build a UUID object for each.
+    cast(Delivery.notification_id, String).label("notification_id"),
+    Delivery.lang,
+).where(
+    Delivery.id == any_(bindparam("ids", type_=ARRAY(BigInteger))),
+    # Sent copies too: another socket's replay may have sent (and marked) this one
+    # meanwhile, and the user's other sockets still need it; sockets drop repeats.
+    Delivery.status.in_((DeliveryStatus.PENDING, DeliveryStatus.SENT)),
+    Delivery.acked_at.is_(None),
+)
+_CONTENT = select(*inbox.CONTENT_COLUMNS).where(
+    Notification.id == any_(bindparam("ids", type_=ARRAY(Uuid(as_uuid=False)))),
+    inbox.not_expired(),
+)
 
 
 @dataclass
@@ -47,27 +69,13 @@ def deliver_websocket_batch(
     # Autocommit: lone SELECTs need no BEGIN/ROLLBACK round trips. Two narrow reads rather
     # than one wide join: a fan-out batch is hundreds of rows of one notification, whose
     # content is read and serialised once, not once per row.
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        rows = conn.execute(
-            select(Delivery.id, Delivery.user_id, Delivery.notification_id, Delivery.lang).where(
-                Delivery.id == any_(cast(delivery_ids, ARRAY(BigInteger))),
-                # Sent copies too: another socket's replay may have sent (and marked) this
-                # one meanwhile, and the user's other sockets still need it; sockets drop
-                # repeats.
-                Delivery.status.in_((DeliveryStatus.PENDING, DeliveryStatus.SENT)),
-                Delivery.acked_at.is_(None),
-            )
-        ).all()
+    with db.autocommit(engine) as conn:
+        rows = conn.execute(_UNACKED, {"ids": delivery_ids}).all()
         if not rows:
             return WebsocketResult(0, 0)
         notifications = {
-            n.id: n
-            for n in conn.execute(
-                select(*inbox.CONTENT_COLUMNS).where(
-                    Notification.id.in_({r.notification_id for r in rows}),
-                    inbox.not_expired(),
-                )
-            )
+            str(n.id): n
+            for n in conn.execute(_CONTENT, {"ids": list({r.notification_id for r in rows})})
         }
     rows = [r for r in rows if r.notification_id in notifications]
     if not rows:
@@ -84,7 +92,7 @@ def deliver_websocket_batch(
             if variant not in base:
                 base[variant] = {
                     "type": "notification",
-                    "id": str(row.notification_id),
+                    "id": row.notification_id,
                     **inbox.content(notifications[row.notification_id], row.lang),
                 }
             targets[(*variant, node_id)].append(row)

@@ -34,7 +34,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from app import locales, metrics, preferences
+from app import db, locales, metrics, preferences
 from app.config import Config
 from models import (
     Channel,
@@ -152,35 +152,41 @@ class Inserted(NamedTuple):
     status: str
 
 
+# One statement: the rows come as one JSON parameter (PostgreSQL parses a single literal
+# instead of seven arrays of a thousand quoted elements each), and the ids come back as one
+# array per (notification, channel, status), so the driver builds a handful of result rows
+# rather than one per recipient.
+_RECORD = text(
+    "WITH ins AS ("
+    "INSERT INTO deliveries "
+    "(notification_id, user_id, channel, status, escalate_at, lang, last_error) "
+    "SELECT n, u, c, CAST(s AS delivery_status), e, l, m "
+    "FROM json_to_recordset(CAST(:rows AS json)) "
+    "AS r(n uuid, u text, c text, e timestamptz, l text, s text, m text) "
+    "ON CONFLICT (notification_id, user_id, channel) DO NOTHING "
+    "RETURNING id, notification_id, channel, status) "
+    "SELECT notification_id::text, channel, status::text, array_agg(id) "
+    "FROM ins GROUP BY 1, 2, 3"
+)
+
+
 def record_deliveries(conn: Connection | Session, rows: list[NewDelivery]) -> list[Inserted]:
     """Insert deliveries, skipping ones that exist; returns those inserted, in id order."""
-    # One statement over arrays, ids back as one array per (notification, channel, status):
-    # a 10,000-recipient fan-out is one round trip, and the driver builds a handful of
-    # result rows rather than 10,000.
-    groups = conn.execute(
-        text(
-            "WITH ins AS ("
-            "INSERT INTO deliveries "
-            "(notification_id, user_id, channel, status, escalate_at, lang, last_error) "
-            "SELECT n, u, c, CAST(s AS delivery_status), e, l, m FROM unnest("
-            "CAST(:nids AS uuid[]), CAST(:users AS text[]), CAST(:channels AS text[]), "
-            "CAST(:escalate AS timestamptz[]), CAST(:langs AS text[]), "
-            "CAST(:statuses AS text[]), CAST(:errors AS text[])) AS r(n, u, c, e, l, s, m) "
-            "ON CONFLICT (notification_id, user_id, channel) DO NOTHING "
-            "RETURNING id, notification_id, channel, status) "
-            "SELECT notification_id::text, channel, status::text, array_agg(id) "
-            "FROM ins GROUP BY 1, 2, 3"
-        ),
-        {
-            "nids": [str(r.notification_id) for r in rows],
-            "users": [r.user_id for r in rows],
-            "channels": [r.channel for r in rows],
-            "escalate": [r.escalate_at for r in rows],
-            "langs": [r.lang for r in rows],
-            "statuses": ["skipped" if r.skipped else "pending" for r in rows],
-            "errors": [r.skipped for r in rows],
-        },
-    ).all()
+    payload = orjson.dumps(
+        [
+            {
+                "n": r.notification_id,
+                "u": r.user_id,
+                "c": r.channel,
+                "e": r.escalate_at,
+                "l": r.lang,
+                "s": "skipped" if r.skipped else "pending",
+                "m": r.skipped,
+            }
+            for r in rows
+        ]
+    ).decode()
+    groups = conn.execute(_RECORD, {"rows": payload}).all()
     return sorted(
         Inserted(delivery_id, nid, channel, status)
         for nid, channel, status, ids in groups
@@ -269,11 +275,7 @@ def process_entries(
         # A chunk that is only the insert needs no transaction: one statement is atomic on
         # its own, and BEGIN and COMMIT would be two more round trips per chunk.
         alone = not (last and ((replay and rows) or expired_ids or dead))
-        with (
-            engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-            if alone
-            else engine.begin()
-        ) as conn:
+        with db.autocommit(engine) if alone else engine.begin() as conn:
             if chunk:
                 to_send = [
                     (r.id, r.notification_id, r.channel)

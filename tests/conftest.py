@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from app import create_app
+from app import create_app, db
 from app.db import upgrade
 from models import Base
 
@@ -72,7 +72,7 @@ def app(base_settings: dict[str, Any]) -> Iterator[Flask]:
     flask_app = create_app(base_settings)
     yield flask_app
     flask_app.extensions["ingest.writer"].close()
-    flask_app.extensions["db.engine"].dispose()
+    db.dispose(flask_app.extensions["db.engine"])
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def make_app(base_settings: dict[str, Any]) -> Iterator[Callable[..., Flask]]:
     yield factory
     for flask_app in made:
         flask_app.extensions["ingest.writer"].close()
-        flask_app.extensions["db.engine"].dispose()
+        db.dispose(flask_app.extensions["db.engine"])
 
 
 @pytest.fixture

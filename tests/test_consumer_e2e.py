@@ -8,7 +8,7 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
-from app import create_app
+from app import create_app, db
 from tasks.stream import watchdog
 from tests.helpers import wait_until
 from tests.platform import Client, notify, post
@@ -39,7 +39,7 @@ def start_consumer(platform_settings, name: str) -> None:
     flask_app = create_app({**platform_settings, "STREAM_CONSUMERS": name})
     with flask_app.app_context():
         watchdog.run()
-    flask_app.extensions["db.engine"].dispose()
+    db.dispose(flask_app.extensions["db.engine"])
 
 
 def _pending_of(client: redis.Redis, consumer: str) -> int:

@@ -44,6 +44,9 @@ export const options = {
                          startTime: `${CONNECT_S}s` } } : {}),
   },
   summaryTrendStats: ['avg', 'p(50)', 'p(99)', 'max'],
+  // No per-socket url/name tags: 10,000 distinct values would make as many time series in
+  // the load client, whose CPU is shared with the platform under test.
+  systemTags: (__ENV.SYSTEM_TAGS || 'scenario,status,method,check,error_code').split(','),
   thresholds: SEND ? {
     fanout_received: [`count>=${USERS}`],
     fanout_duplicates: ['count==0'],
