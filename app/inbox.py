@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, Engine, and_, func, or_, select, text, update
 
 from app import db
@@ -183,10 +184,12 @@ def ack_many(engine: Engine, acks: list[tuple[str, uuid.UUID]]) -> None:
             "SET LOCAL synchronous_commit = off; "
             "UPDATE deliveries d SET status = 'acked', acked_at = now(), "
             "sent_at = coalesce(d.sent_at, now()) "
-            "FROM unnest(%(users)s::text[], %(nids)s::uuid[]) AS a(u, n) "
+            "FROM json_to_recordset(%(acks)s::json) AS a(u text, n uuid) "
             "WHERE d.user_id = a.u AND d.notification_id = a.n "
             "AND d.channel = 'websocket' AND d.acked_at IS NULL AND d.status <> 'skipped'",
-            {"users": [u for u, _ in acks], "nids": [str(n) for _, n in acks]},
+            # One JSON literal rather than two arrays of quoted elements: cheaper to build
+            # here and to parse there, at a thousand acks a flush.
+            {"acks": orjson.dumps([{"u": u, "n": n} for u, n in acks]).decode()},
         )
 
 

@@ -15,12 +15,14 @@ task trims the stream below the oldest entry any group still needs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -81,6 +83,9 @@ Enqueue = Callable[..., None]
 # Deliveries per transaction: a fan-out's first delivery tasks start while the rest of its
 # recipients are still being written, instead of after all 10,000 are.
 RECORD_CHUNK = 1000
+# Connections a big fan-out's chunks are written on at once: PostgreSQL inserts each
+# chunk in one backend, and two keep both cores busy while the first tasks run.
+CHUNK_WRITERS = 2
 RANK = {lane: i for i, lane in enumerate(("high", "default", "low"))}
 WEBSOCKET = Channel.WEBSOCKET.value
 EXTERNAL = (Channel.WEBHOOK.value, Channel.EMAIL.value)
@@ -268,37 +273,70 @@ def process_entries(
     rows.sort(key=lambda r: rank_of[r.notification_id])
     chunks = [rows[i : i + RECORD_CHUNK] for i in range(0, len(rows), RECORD_CHUNK)] or [[]]
 
+    # The last chunk shares a transaction with the replay, expiries and dead letters, when
+    # there are any; every other chunk is only its insert, one statement that needs no
+    # transaction (BEGIN and COMMIT would be two more round trips per chunk).
+    tail = chunks.pop() if (replay and rows) or expired_ids or dead else None
     fresh: set[int] = set()
-    for i, chunk in enumerate(chunks):
-        to_send: list[tuple[int, str, str]] = []
-        last = i == len(chunks) - 1
-        # A chunk that is only the insert needs no transaction: one statement is atomic on
-        # its own, and BEGIN and COMMIT would be two more round trips per chunk.
-        alone = not (last and ((replay and rows) or expired_ids or dead))
-        with db.autocommit(engine) if alone else engine.begin() as conn:
-            if chunk:
-                to_send = [
-                    (r.id, r.notification_id, r.channel)
-                    for r in record_deliveries(conn, chunk)
-                    if r.status == DeliveryStatus.PENDING.value
-                ]
-                fresh.update(delivery_id for delivery_id, _, _ in to_send)
-            if not alone:
-                if replay and rows:
-                    to_send.extend(
-                        (row.id, str(row.notification_id), row.channel)
-                        for row in conn.execute(
-                            select(Delivery.id, Delivery.notification_id, Delivery.channel).where(
-                                Delivery.notification_id.in_([uuid.UUID(n) for n in priority_of]),
-                                Delivery.status == DeliveryStatus.PENDING,
-                            )
+    with _chunk_writers(len(chunks)) as pool:
+        # In chunk order, each enqueued as soon as it and those before it are committed;
+        # a big fan-out's chunks are written on two connections at once.
+        for to_send in pool.map(
+            lambda chunk: _record_alone(engine, chunk), [c for c in chunks if c]
+        ):
+            fresh.update(delivery_id for delivery_id, _, _ in to_send)
+            _enqueue(to_send, enqueue, delivery_batch, priority_of, hook_of)
+    if tail is not None:
+        with engine.begin() as conn:
+            to_send = _pending_of(record_deliveries(conn, tail)) if tail else []
+            fresh.update(delivery_id for delivery_id, _, _ in to_send)
+            if replay and rows:
+                to_send.extend(
+                    (row.id, str(row.notification_id), row.channel)
+                    for row in conn.execute(
+                        select(Delivery.id, Delivery.notification_id, Delivery.channel).where(
+                            Delivery.notification_id.in_([uuid.UUID(n) for n in priority_of]),
+                            Delivery.status == DeliveryStatus.PENDING,
                         )
-                        if row.id not in fresh
                     )
-                _record_expired_and_dead(conn, expired_ids, dead, decoded)
+                    if row.id not in fresh
+                )
+            _record_expired_and_dead(conn, expired_ids, dead, decoded)
         # Enqueue only after the commit that makes these deliveries visible to the workers.
         _enqueue(to_send, enqueue, delivery_batch, priority_of, hook_of)
     return [eid for eid, _ in entries]
+
+
+def _pending_of(inserted: list[Inserted]) -> list[tuple[int, str, str]]:
+    """What the workers get of freshly inserted deliveries: (id, notification, channel)."""
+    pending = DeliveryStatus.PENDING.value
+    return [(r.id, r.notification_id, r.channel) for r in inserted if r.status == pending]
+
+
+def _record_alone(engine: Engine, chunk: list[NewDelivery]) -> list[tuple[int, str, str]]:
+    with db.autocommit(engine) as conn:
+        return _pending_of(record_deliveries(conn, chunk))
+
+
+@contextlib.contextmanager
+def _chunk_writers(chunks: int) -> Iterator[Any]:
+    """Where a read's chunks are written: in this thread for one, else two threads."""
+    if chunks <= 1:
+        yield _Inline()
+        return
+    pool = ThreadPoolExecutor(max_workers=CHUNK_WRITERS, thread_name_prefix="record")
+    try:
+        yield pool
+    finally:
+        # After a failed chunk the rest are not written: the entries stay pending, and
+        # their retry records them.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Inline:
+    @staticmethod
+    def map(fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Any]:
+        return map(fn, items)
 
 
 def _record_expired_and_dead(
