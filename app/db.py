@@ -54,9 +54,12 @@ def autocommit(engine: Engine) -> Connection:
         with _AUTOCOMMIT_LOCK:
             sibling = _AUTOCOMMIT.get(engine)
             if sibling is None:
+                # Half the engine's pool size, overflow included: a process's two pools
+                # together hold at most 1.5 times what the one pool did, which keeps the
+                # platform's processes within PostgreSQL's default 100 connections.
                 sibling = make_engine(
                     engine.url.render_as_string(hide_password=False),
-                    pool_size=engine.pool.size(),  # type: ignore[attr-defined]
+                    pool_size=max(1, engine.pool.size() // 2),  # type: ignore[attr-defined]
                     isolation_level="AUTOCOMMIT",
                 )
                 _AUTOCOMMIT[engine] = sibling
