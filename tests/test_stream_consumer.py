@@ -8,8 +8,10 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from app.config import Config
+from tasks import stream
 from tasks.stream import (
     RECORD_CHUNK,
     StreamConsumer,
@@ -89,6 +91,38 @@ def test_fan_out_larger_than_a_chunk_is_recorded_and_enqueued_once_high_first(
     process_entries(pg, _entries(rdb), again, delivery_batch=500)
     assert _deliveries(pg) == many + 1
     assert sorted(again.ids) == list(range(1, many + 2))  # all still pending: offered again
+
+
+def test_a_failed_chunk_of_a_fan_out_fails_the_read_and_its_retry_records_every_recipient(
+    client, auth, pg, rdb, monkeypatch
+):
+    many = RECORD_CHUNK * 4
+    _post(client, auth, user_ids=[f"u{i}" for i in range(many)])
+    real = stream.record_deliveries
+    calls = []
+
+    def second_chunk_fails(conn, rows):
+        calls.append(len(rows))
+        if len(calls) == 2:
+            raise OperationalError("INSERT", {}, Exception("connection lost"))
+        return real(conn, rows)
+
+    monkeypatch.setattr(stream, "record_deliveries", second_chunk_fails)
+    first = Recorder()
+    with pytest.raises(OperationalError):
+        process_entries(pg, _entries(rdb), first, delivery_batch=500, replay=False)
+    # Nothing after the failed chunk was enqueued, so nothing is XACKed on a partial read.
+    assert len(first.ids) <= RECORD_CHUNK
+
+    monkeypatch.setattr(stream, "record_deliveries", real)
+    again = Recorder()
+    process_entries(pg, _entries(rdb), again, delivery_batch=500, replay=True)
+
+    assert _deliveries(pg) == many
+    # Every pending delivery is offered once, the ones the failed read had enqueued included.
+    with pg.connect() as conn:
+        recorded = set(conn.scalars(text("SELECT id FROM deliveries")))
+    assert sorted(again.ids) == sorted(recorded)
 
 
 def test_replayed_entries_create_no_duplicates(client, auth, pg, rdb):
