@@ -1,7 +1,8 @@
 """The stream consumer: reads `notifications:stream` by consumer group and fans out deliveries.
 
 For each group of entries (about RECORD_CHUNK deliveries) it expands recipients, records
-the deliveries in PostgreSQL in bulk, enqueues delivery tasks per priority lane, and only
+the deliveries in PostgreSQL in bulk (a single entry's big fan-out in chunks, written on
+CHUNK_WRITERS connections at once), enqueues delivery tasks per priority lane, and only
 then XACKs; entries that arrived meanwhile are sorted in by priority between groups. Entries
 left pending by a consumer that died are claimed with XAUTOCLAIM once idle longer than
 STREAM_CLAIM_IDLE_MS; an entry handed out more than STREAM_MAX_DELIVERIES times goes to
