@@ -10,7 +10,7 @@ from weakref import WeakKeyDictionary
 import orjson
 from flask import Flask, current_app, g
 from sqlalchemy import Connection, Engine, create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,7 +20,7 @@ def _json_dumps(value: object) -> str:
     return orjson.dumps(value).decode()
 
 
-def make_engine(url: str, pool_size: int = 10, **options: Any) -> Engine:
+def make_engine(url: str | URL, pool_size: int = 10, **options: Any) -> Engine:
     """An engine whose JSONB columns go through orjson."""
     return create_engine(
         url,
@@ -58,7 +58,7 @@ def autocommit(engine: Engine) -> Connection:
                 # together hold at most 1.5 times what the one pool did, which keeps the
                 # platform's processes within PostgreSQL's default 100 connections.
                 sibling = make_engine(
-                    engine.url.render_as_string(hide_password=False),
+                    engine.url,
                     pool_size=max(1, engine.pool.size() // 2),  # type: ignore[attr-defined]
                     isolation_level="AUTOCOMMIT",
                 )

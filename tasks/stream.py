@@ -278,13 +278,12 @@ def process_entries(
     # there are any; every other chunk is only its insert, one statement that needs no
     # transaction (BEGIN and COMMIT would be two more round trips per chunk).
     tail = chunks.pop() if (replay and rows) or expired_ids or dead else None
+    chunks = [c for c in chunks if c]
     fresh: set[int] = set()
-    with _chunk_writers(len(chunks)) as pool:
+    with _chunk_writers(len(chunks)) as writes:
         # In chunk order, each enqueued as soon as it and those before it are committed;
         # a big fan-out's chunks are written on two connections at once.
-        for to_send in pool.map(
-            lambda chunk: _record_alone(engine, chunk), [c for c in chunks if c]
-        ):
+        for to_send in writes(lambda chunk: _record_alone(engine, chunk), chunks):
             fresh.update(delivery_id for delivery_id, _, _ in to_send)
             _enqueue(to_send, enqueue, delivery_batch, priority_of, hook_of)
     if tail is not None:
@@ -320,24 +319,19 @@ def _record_alone(engine: Engine, chunk: list[NewDelivery]) -> list[tuple[int, s
 
 
 @contextlib.contextmanager
-def _chunk_writers(chunks: int) -> Iterator[Any]:
-    """Where a read's chunks are written: in this thread for one, else two threads."""
+def _chunk_writers(chunks: int) -> Iterator[Callable[..., Iterator[Any]]]:
+    """The `map` a read's chunks are written with: in this thread for one chunk, else on
+    CHUNK_WRITERS threads (results still in chunk order)."""
     if chunks <= 1:
-        yield _Inline()
+        yield map
         return
     pool = ThreadPoolExecutor(max_workers=CHUNK_WRITERS, thread_name_prefix="record")
     try:
-        yield pool
+        yield pool.map
     finally:
         # After a failed chunk the rest are not written: the entries stay pending, and
         # their retry records them.
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-class _Inline:
-    @staticmethod
-    def map(fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Any]:
-        return map(fn, items)
 
 
 def _record_expired_and_dead(
