@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import orjson
 import redis
@@ -99,3 +100,83 @@ def publish_event(
     for node_id in nodes:
         reached += client.publish(node_channel(node_id), envelope)
     return reached
+
+
+# Publish a batch of deliveries to their users' live nodes in one command: one message per
+# notification variant and node, carrying that node's [user, seq] pairs. Looking the nodes
+# up and publishing in the same script saves the delivery task a round trip per batch, and
+# the outcome counters ride along for the same reason.
+# KEYS: the users' presence keys, then the counters hash.
+# ARGV: lapsed-before score, channel prefix, sent and offline counter fields, the number of
+# variants V, V variant JSON objects, then (user position, '[user,seq]', variant) per row.
+# Returns the positions of the rows that reached at least one subscriber.
+_ROUTE = """
+local since, prefix = ARGV[1], ARGV[2]
+local first_row = 6 + tonumber(ARGV[5])
+local nodes_of = {}
+for i = 1, #KEYS - 1 do
+  nodes_of[i] = redis.call('zrangebyscore', KEYS[i], since, '+inf')
+end
+local groups, order = {}, {}
+for r = first_row, #ARGV, 3 do
+  local variant = ARGV[r + 2]
+  for _, node in ipairs(nodes_of[tonumber(ARGV[r])]) do
+    local name = variant .. ' ' .. node
+    local group = groups[name]
+    if not group then
+      group = {variant = 5 + tonumber(variant), node = node, to = {}, rows = {}}
+      groups[name] = group
+      order[#order + 1] = group
+    end
+    group.to[#group.to + 1] = ARGV[r + 1]
+    group.rows[#group.rows + 1] = (r - first_row) / 3 + 1
+  end
+end
+local reached, out = {}, {}
+for _, group in ipairs(order) do
+  local envelope = '{"t":"deliver","n":' .. ARGV[group.variant] .. ',"to":['
+    .. table.concat(group.to, ',') .. ']}'
+  if redis.call('publish', prefix .. group.node, envelope) > 0 then
+    for _, row in ipairs(group.rows) do
+      if not reached[row] then
+        reached[row] = true
+        out[#out + 1] = row
+      end
+    end
+  end
+end
+local rows = (#ARGV - first_row + 1) / 3
+if #out > 0 then redis.call('hincrby', KEYS[#KEYS], ARGV[3], #out) end
+if rows > #out then redis.call('hincrby', KEYS[#KEYS], ARGV[4], rows - #out) end
+return out
+"""
+
+
+def route(
+    client: redis.Redis,
+    variants: list[bytes],
+    rows: list[tuple[str, int, int]],
+    ttl: float,
+    counters: tuple[str, str, str],
+) -> list[int]:
+    """Publish each (user, seq, variant) row to the live nodes holding the user's sockets.
+
+    `variants` are the notifications' JSON (one per notification and language); rows of
+    one variant for one node share a message. `counters` is the counters hash and its
+    sent and offline fields. Returns the indexes of the rows that reached a subscriber;
+    the others' users are offline, or their node vanished since its last heartbeat.
+    """
+    if not rows:
+        return []
+    users: dict[str, int] = {}
+    args: list[Any] = []
+    for user_id, seq, variant in rows:
+        position = users.setdefault(user_id, len(users) + 1)
+        args += (position, orjson.dumps([user_id, seq]), variant + 1)
+    key, sent_field, offline_field = counters
+    reached = client.register_script(_ROUTE)(
+        keys=[*(presence_key(u) for u in users), key],
+        args=[time.time() - ttl, NODE_CHANNEL_PREFIX, sent_field, offline_field,
+              len(variants), *variants, *args],
+    )  # fmt: skip
+    return [i - 1 for i in reached]

@@ -10,15 +10,13 @@ only while pending: a replay on one socket must not keep it from the user's othe
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 import redis
 from celery import shared_task
 from flask import current_app
-from sqlalchemy import BigInteger, Engine, String, Uuid, any_, bindparam, cast, select
+from sqlalchemy import BigInteger, Engine, String, any_, bindparam, case, cast, func, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import OperationalError
@@ -35,24 +33,38 @@ WEBSOCKET = Channel.WEBSOCKET.value
 
 
 # Built once: a statement built per call costs more CPU than its round trip (construction
-# and cache-key generation), and a task may carry a single delivery.
-_UNACKED = select(
-    Delivery.id,
-    Delivery.user_id,
-    # As text: a fan-out batch is hundreds of rows of one notification, and the driver would
-    # build a UUID object for each.
-    cast(Delivery.notification_id, String).label("notification_id"),
-    Delivery.lang,
-).where(
-    Delivery.id == any_(bindparam("ids", type_=ARRAY(BigInteger))),
-    # Sent copies too: another socket's replay may have sent (and marked) this one
-    # meanwhile, and the user's other sockets still need it; sockets drop repeats.
-    Delivery.status.in_((DeliveryStatus.PENDING, DeliveryStatus.SENT)),
-    Delivery.acked_at.is_(None),
+# and cache-key generation), and a task may carry a single delivery. One round trip reads
+# the rows and their notifications' content; the content comes with the first row of each
+# notification only, so a fan-out batch (hundreds of rows of one notification) decodes it
+# once rather than once per row.
+_FIRST_OF_ITS_NOTIFICATION = func.row_number().over(partition_by=Delivery.notification_id) == 1
+_UNACKED = (
+    select(
+        Delivery.id,
+        Delivery.user_id,
+        # As text: the driver would build a UUID object for each of a fan-out's rows.
+        cast(Delivery.notification_id, String).label("notification_id"),
+        Delivery.lang.label("delivery_lang"),
+        *(
+            case((_FIRST_OF_ITS_NOTIFICATION, column)).label(column.key)
+            for column in inbox.CONTENT_COLUMNS
+            if column is not Notification.id
+        ),
+    )
+    .join(Notification, Notification.id == Delivery.notification_id)
+    .where(
+        Delivery.id == any_(bindparam("ids", type_=ARRAY(BigInteger))),
+        # Sent copies too: another socket's replay may have sent (and marked) this one
+        # meanwhile, and the user's other sockets still need it; sockets drop repeats.
+        Delivery.status.in_((DeliveryStatus.PENDING, DeliveryStatus.SENT)),
+        Delivery.acked_at.is_(None),
+        inbox.not_expired(),
+    )
 )
-_CONTENT = select(*inbox.CONTENT_COLUMNS).where(
-    Notification.id == any_(bindparam("ids", type_=ARRAY(Uuid(as_uuid=False)))),
-    inbox.not_expired(),
+_COUNTERS = (
+    metrics.COUNTERS_KEY,
+    metrics.field("deliveries", WEBSOCKET, "sent"),
+    metrics.field("deliveries", WEBSOCKET, "offline"),
 )
 
 
@@ -65,50 +77,35 @@ class WebsocketResult:
 def deliver_websocket_batch(
     engine: Engine, client: redis.Redis, delivery_ids: list[int], presence_ttl: float
 ) -> WebsocketResult:
-    """Publish the un-acked deliveries among `delivery_ids` to their users' nodes."""
-    # Autocommit: lone SELECTs need no BEGIN/ROLLBACK round trips. Two narrow reads rather
-    # than one wide join: a fan-out batch is hundreds of rows of one notification, whose
-    # content is read and serialised once, not once per row.
+    """Publish the un-acked deliveries among `delivery_ids` to their users' nodes, and count
+    them sent or offline."""
+    # Autocommit: a lone SELECT needs no BEGIN/ROLLBACK round trips.
     with db.autocommit(engine) as conn:
         rows = conn.execute(_UNACKED, {"ids": delivery_ids}).all()
-        if not rows:
-            return WebsocketResult(0, 0)
-        notifications = {
-            str(n.id): n
-            for n in conn.execute(_CONTENT, {"ids": list({r.notification_id for r in rows})})
-        }
-    rows = [r for r in rows if r.notification_id in notifications]
     if not rows:
         return WebsocketResult(0, 0)
-
-    online = presence.nodes_for(client, sorted({r.user_id for r in rows}), presence_ttl)
-    # One message per notification and language (templated ones differ per recipient's
-    # language), published once per node with the users it is for.
-    base: dict[tuple[Any, str | None], dict[str, Any]] = {}
-    targets: dict[tuple[Any, str | None, str], list[Any]] = defaultdict(list)
+    # created_at is never NULL in a notification: set only on the row carrying the content.
+    content = {r.notification_id: r for r in rows if r.created_at is not None}
+    # One message per notification and language: templated ones differ per recipient's.
+    variants: dict[tuple[str, str | None], int] = {}
+    encoded: list[bytes] = []
+    routed: list[tuple[str, int, int]] = []
     for row in rows:
-        for node_id in online.get(row.user_id, ()):
-            variant = (row.notification_id, row.lang)
-            if variant not in base:
-                base[variant] = {
-                    "type": "notification",
-                    "id": row.notification_id,
-                    **inbox.content(notifications[row.notification_id], row.lang),
-                }
-            targets[(*variant, node_id)].append(row)
-
-    pipe = client.pipeline(transaction=False)
-    keys = list(targets)
-    for nid, lang, node_id in keys:
-        envelope = {
-            "t": "deliver",
-            "n": base[(nid, lang)],
-            "to": [[r.user_id, r.id] for r in targets[(nid, lang, node_id)]],
-        }
-        pipe.publish(presence.node_channel(node_id), orjson.dumps(envelope))
-    receivers = pipe.execute() if keys else []
-    # A node that vanished since its last heartbeat has no subscriber: leave those pending.
-    sent = sorted({r.id for key, n in zip(keys, receivers, strict=True) if n for r in targets[key]})
+        variant = variants.get((row.notification_id, row.delivery_lang))
+        if variant is None:
+            variant = variants[(row.notification_id, row.delivery_lang)] = len(encoded)
+            encoded.append(
+                orjson.dumps(
+                    {
+                        "type": "notification",
+                        "id": row.notification_id,
+                        **inbox.content(content[row.notification_id], row.delivery_lang),
+                    }
+                )
+            )
+        routed.append((row.user_id, row.id, variant))
+    reached = presence.route(client, encoded, routed, presence_ttl, _COUNTERS)
+    sent = sorted(rows[i].id for i in reached)
     if sent:
         inbox.mark_sent(engine, sent)
     if log.isEnabledFor(logging.DEBUG):
@@ -116,7 +113,7 @@ def deliver_websocket_batch(
         for row in rows:
             log.debug(
                 "published to the user's gateway" if row.id in published else "left offline",
-                extra={"notification_id": str(row.notification_id), "user_id": row.user_id,
+                extra={"notification_id": row.notification_id, "user_id": row.user_id,
                        "delivery_id": row.id},
             )  # fmt: skip
     return WebsocketResult(sent=len(sent), offline=len(rows) - len(sent))
@@ -135,13 +132,6 @@ def deliver_websocket(delivery_ids: list[int], attempt: int = 1) -> dict[str, in
         return {"sent": 0, "offline": 0}
     if attempt > 1:
         retries.done(client, TASK, [delivery_ids, attempt])
-    metrics.count_many(
-        client,
-        [
-            ("deliveries", (WEBSOCKET, "sent"), result.sent),
-            ("deliveries", (WEBSOCKET, "offline"), result.offline),
-        ],
-    )
     return {"sent": result.sent, "offline": result.offline}
 
 
