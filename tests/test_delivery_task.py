@@ -110,3 +110,27 @@ def test_heartbeat_reports_users_whose_presence_had_lapsed(rdb):
     assert presence.mark_online(rdb, "n1", ["a", "b"], TTL) == []
     rdb.delete(presence.presence_key("b"))
     assert presence.mark_online(rdb, "n1", ["a", "b"], TTL) == ["b"]
+
+
+def test_a_user_on_two_nodes_reaches_both_and_counts_as_one_sent_copy(client, auth, pg, rdb):
+    nodes = [uuid.uuid4().hex, uuid.uuid4().hex]
+    subscribers = []
+    for node_id in nodes:
+        pubsub = rdb.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(presence.node_channel(node_id))
+        subscribers.append(pubsub)
+        presence.mark_online(rdb, node_id, ["a"], TTL)
+    presence.mark_online(rdb, nodes[0], ["b"], TTL)
+    ids = _record(client, auth, pg, rdb, user_ids=["a", "b", "c"])
+
+    result = deliver_websocket_batch(pg, rdb, ids, TTL)
+
+    first, second = (_received(p) for p in subscribers)
+    assert [sorted(u for u, _ in e["to"]) for e in first] == [["a", "b"]]
+    assert [[u for u, _ in e["to"]] for e in second] == [["a"]]
+    assert (result.sent, result.offline) == (2, 1)
+    counters = rdb.hgetall("notifications:metrics")
+    assert counters["deliveries:websocket:sent"] == "2"
+    assert counters["deliveries:websocket:offline"] == "1"
+    for pubsub in subscribers:
+        pubsub.close()
