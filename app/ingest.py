@@ -55,7 +55,9 @@ class Outcome:
 
 @dataclass
 class _Pending:
-    row: dict[str, Any]
+    """One request's notifications: committed together, in one transaction."""
+
+    rows: list[dict[str, Any]]
     response: dict[str, Any]
     idem: IdempotencyRequest | None
     done: threading.Event = field(default_factory=threading.Event)
@@ -95,8 +97,18 @@ class IngestWriter:
         self, row: dict[str, Any], response: dict[str, Any], idem: IdempotencyRequest | None
     ) -> Outcome:
         """Record `row` (and stream it), block until committed, and say what happened."""
+        return self.submit_many([row], response, idem)
+
+    def submit_many(
+        self,
+        rows: list[dict[str, Any]],
+        response: dict[str, Any],
+        idem: IdempotencyRequest | None,
+    ) -> Outcome:
+        """Record `rows` all or none (and stream them), block until committed, and say what
+        happened; `response` is the answer for all of them, which an idempotent replay gets."""
         self._ensure_thread()
-        pending = _Pending(row=row, response=response, idem=idem)
+        pending = _Pending(rows=rows, response=response, idem=idem)
         self._queue.put(pending)
         pending.done.wait()
         if pending.error is not None:
@@ -132,11 +144,15 @@ class IngestWriter:
                 if self._unmarked:
                     self._mark_streamed()
                 return
-            while len(batch) < self._batch_max:
+            # Counted in rows; one request's rows are never split across transactions.
+            size = len(batch[0].rows)
+            while size < self._batch_max:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    pending = self._queue.get_nowait()
                 except queue.Empty:
                     break
+                batch.append(pending)
+                size += len(pending.rows)
             try:
                 self._write(batch)
             except BaseException as exc:  # never let the writer die with requests waiting
@@ -159,7 +175,7 @@ class IngestWriter:
                 try:
                     fresh.extend(self._commit([pending]))
                 except Exception as exc:
-                    log.exception("ingest row %s failed", pending.row["id"])
+                    log.exception("ingest of %s failed", pending.rows[0]["id"])
                     pending.error = exc
         self._unmarked.extend(self._stream(fresh))
         for pending in batch:
@@ -182,7 +198,8 @@ class IngestWriter:
             self._unmarked.extend(marking)
             raise
         for pending in fresh:
-            pending.row["created_at"] = now
+            for row in pending.rows:
+                row["created_at"] = now
             pending.outcome = Outcome("accepted", pending.response)
         return fresh
 
@@ -197,8 +214,8 @@ class IngestWriter:
         the writer's cycle short at a few hundred requests a second.
         """
         # The row's keys are column names set by the API code, never by a client.
-        columns = ", ".join(dict.fromkeys(["created_at", *batch[0].row]))
-        rows = orjson.dumps([{**p.row, "created_at": now} for p in batch]).decode()
+        columns = ", ".join(dict.fromkeys(["created_at", *batch[0].rows[0]]))
+        rows = orjson.dumps([{**r, "created_at": now} for p in batch for r in p.rows]).decode()
         with db.autocommit(self._engine) as conn:
             conn.exec_driver_sql(
                 "WITH marked AS (UPDATE notifications SET streamed_at = now() "
@@ -212,7 +229,9 @@ class IngestWriter:
         self._resolve_idempotency(conn, [p for p in batch if p.idem], now)
         fresh = [p for p in batch if p.outcome is None]
         if fresh:
-            conn.execute(insert(Notification), [{**p.row, "created_at": now} for p in fresh])
+            conn.execute(
+                insert(Notification), [{**r, "created_at": now} for p in fresh for r in p.rows]
+            )
         return fresh
 
     def _resolve_idempotency(self, conn: Any, batch: list[_Pending], now: datetime) -> None:
@@ -229,7 +248,7 @@ class IngestWriter:
                     "client": p.idem.client,
                     "key": p.idem.key,
                     "request_hash": p.idem.request_hash,
-                    "notification_id": p.row["id"],
+                    "notification_id": p.rows[0]["id"],
                     "response": p.response,
                     "created_at": now,
                 }
@@ -284,36 +303,35 @@ class IngestWriter:
         it when it is due, so a scheduled notification lives in PostgreSQL until then.
         """
         now = utcnow()
-        accepted = len(fresh)
-        fresh = [p for p in fresh if not (p.row.get("send_at") and p.row["send_at"] > now)]
-        if not fresh:
+        rows = [r for p in fresh for r in p.rows]
+        accepted = len(rows)
+        rows = [r for r in rows if not (r.get("send_at") and r["send_at"] > now)]
+        if not rows:
             if accepted:
                 metrics.count(self._redis, "notifications_accepted", n=accepted)
             return []
         try:
             pipe = self._redis.pipeline(transaction=False)
-            for pending in fresh:
-                pipe.xadd(self._stream_key, entry_fields(pending.row))
+            for row in rows:
+                pipe.xadd(self._stream_key, entry_fields(row))
             metrics.count(pipe, "notifications_accepted", n=accepted)
-            results = pipe.execute(raise_on_error=False)[: len(fresh)]
+            results = pipe.execute(raise_on_error=False)[: len(rows)]
         except redis.RedisError:
-            log.warning(
-                "XADD of %d notifications failed; the outbox sweeper will retry", len(fresh)
-            )
+            log.warning("XADD of %d notifications failed; the outbox sweeper will retry", len(rows))
             return []
         streamed = []
-        for pending, result in zip(fresh, results, strict=True):
+        for row, result in zip(rows, results, strict=True):
             if isinstance(result, Exception):
-                log.warning("XADD of %s failed: %s", pending.row["id"], result)
+                log.warning("XADD of %s failed: %s", row["id"], result)
             else:
-                streamed.append(pending.row["id"])
+                streamed.append(row["id"])
         if log.isEnabledFor(logging.DEBUG):
-            for pending in fresh:
+            for row in rows:
                 log.debug(
                     "notification accepted",
                     extra={
-                        "notification_id": str(pending.row["id"]),
-                        "recipients": len(pending.row.get("recipients") or ()),
+                        "notification_id": str(row["id"]),
+                        "recipients": len(row.get("recipients") or ()),
                     },
                 )
         return streamed

@@ -115,6 +115,21 @@ class NotificationIn(Schema):
 
 notification_in = NotificationIn()
 
+# Most notifications in one POST /notifications/batch; as many as one ingest transaction
+# holds by default.
+BATCH_MAX = 500
+
+
+class NotificationBatchIn(Schema):
+    notifications = fields.List(
+        fields.Nested(NotificationIn),
+        required=True,
+        validate=validate.Length(min=1, max=BATCH_MAX),
+    )
+
+
+notification_batch_in = NotificationBatchIn()
+
 
 def recipients_of(data: dict[str, Any]) -> list[str]:
     """The recipients named in a validated body, duplicates dropped, first-seen order kept."""

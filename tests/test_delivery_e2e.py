@@ -45,6 +45,24 @@ def test_online_user_receives_the_notification_live(running):
     assert frame["created_at"]
 
 
+def test_a_batch_reaches_each_of_its_online_users_with_their_own_notification(running):
+    users = [user(), user()]
+    clients = [Client(running, u) for u in users]
+    try:
+        status, body = post(running, "/notifications/batch", {"notifications": [
+            {"user_id": u, "title": f"for {u}", "body": "b"} for u in users
+        ]})  # fmt: skip
+        assert status == 202, body
+        frames = [c.wait_for(1) for c in clients]
+    finally:
+        for c in clients:
+            c.close()
+    ids = [n["id"] for n in body["notifications"]]
+    assert [[(f["id"], f["title"]) for f in got] for got in frames] == [
+        [(nid, f"for {u}")] for nid, u in zip(ids, users, strict=True)
+    ]
+
+
 def test_offline_user_finds_notifications_waiting_oldest_first(running):
     u = user()
     ids = [notify(running, u, body=str(i)) for i in range(3)]

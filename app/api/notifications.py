@@ -16,7 +16,7 @@ from app.db import get_session
 from app.errors import ApiError
 from app.ids import uuid7
 from app.ingest import IdempotencyRequest, IngestUnavailable
-from app.schemas import notification_in, recipients_of
+from app.schemas import notification_batch_in, notification_in, recipients_of
 from models import Delivery, DeliveryStatus, Notification, NotificationStatus, Priority
 from models.base import utcnow
 
@@ -82,7 +82,43 @@ def create_notification() -> tuple[Response, int] | Response:
     data = notification_in.load(body) if isinstance(body, dict) else _not_an_object(body)
     idem = _idempotency(body)
     _check_backpressure()
+    row, answer = _prepare(data)
+    return _submit([row], answer, idem)
 
+
+@bp.post("/notifications/batch")
+@require_api_key
+def create_notifications() -> tuple[Response, int] | Response:
+    """Several notifications in one request, accepted all together or not at all.
+
+    A sender with many distinct notifications at once (a digest run, an event that
+    concerns many users differently) saves a request per notification, which is most of
+    what ingest costs per notification.
+    """
+    body = _json_body()
+    data = notification_batch_in.load(body) if isinstance(body, dict) else _not_an_object(body)
+    idem = _idempotency(body)
+    _check_backpressure()
+    prepared: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    errors: dict[str, Any] = {}
+    for i, item in enumerate(data["notifications"]):
+        try:
+            prepared.append(_prepare(item))
+        except ApiError as exc:
+            errors[str(i)] = exc.fields
+    if errors:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"{len(errors)} of the notifications are invalid; none was accepted.",
+            {"notifications": errors},
+        )
+    answer = {"notifications": [a for _, a in prepared]}
+    return _submit([row for row, _ in prepared], answer, idem)
+
+
+def _prepare(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The row to record for a validated notification, and its part of the answer."""
     notification_id = uuid7()
     recipients = recipients_of(data)
     now = utcnow()
@@ -118,13 +154,19 @@ def create_notification() -> tuple[Response, int] | Response:
         "status": "scheduled" if scheduled else "queued",
         "recipients": len(recipients),
     }
+    return row, answer
+
+
+def _submit(
+    rows: list[dict[str, Any]], answer: dict[str, Any], idem: IdempotencyRequest | None
+) -> tuple[Response, int] | Response:
     try:
-        outcome = current_app.extensions["ingest.writer"].submit(row, answer, idem)
+        outcome = current_app.extensions["ingest.writer"].submit_many(rows, answer, idem)
     except IngestUnavailable as exc:
         raise ApiError(
             503,
             "unavailable",
-            "The notification could not be recorded; nothing was accepted. Retry later.",
+            "Nothing was recorded, so nothing was accepted. Retry later.",
             headers={"Retry-After": str(current_app.config["NOTIFIER"].RETRY_AFTER_SECONDS)},
         ) from exc
     if outcome.kind == "conflict":
@@ -132,12 +174,18 @@ def create_notification() -> tuple[Response, int] | Response:
             422,
             "idempotency_conflict",
             "This Idempotency-Key was already used with a different body.",
-            {"Idempotency-Key": [f"Already used for notification {outcome.response.get('id')}."]},
+            {"Idempotency-Key": [f"Already used for {_what(outcome.response)}."]},
         )
     response = jsonify(outcome.response)
     if outcome.kind == "replayed":
         response.headers["Idempotent-Replayed"] = "true"
     return response, 202
+
+
+def _what(answer: dict[str, Any]) -> str:
+    if "notifications" in answer:
+        return f"a batch of {len(answer['notifications'])} notifications"
+    return f"notification {answer.get('id')}"
 
 
 def _render(data: dict[str, Any]) -> dict[str, Any]:

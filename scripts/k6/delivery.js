@@ -22,6 +22,9 @@ const LOW_BACKLOG = parseInt(__ENV.LOW_BACKLOG || '0', 10);
 const PRIORITY = LOW_BACKLOG > 0 ? 'high' : (__ENV.PRIORITY || 'normal');
 // RECIPIENTS_PER_POST > 1 sends each notification to that many of the users via user_ids.
 const PER_POST = parseInt(__ENV.RECIPIENTS_PER_POST || '1', 10);
+// BATCH > 1 posts that many notifications per request to /notifications/batch (RATE counts
+// requests), each to its own random user(s).
+const BATCH = parseInt(__ENV.BATCH || '1', 10);
 // Sockets per listening VU: many sockets on one event loop leave more of the shared CPU to
 // the platform than a JavaScript runtime per socket would.
 const PER_VU = parseInt(__ENV.PER_VU || '50', 10);
@@ -89,15 +92,20 @@ export function listen(data) {
   for (let idx = first; idx < Math.min(first + PER_VU, USERS); idx++) hold(userName(data.run, idx));
 }
 
-export function send(data) {
+function notification(run) {
   const first = Math.floor(Math.random() * USERS);
   const target = PER_POST > 1
-    ? { user_ids: Array.from({ length: PER_POST }, (_, i) => userName(data.run, (first + i) % USERS)) }
-    : { user_id: userName(data.run, first) };
-  const body = JSON.stringify({ ...target, title: 'bench', body: 'latency', priority: PRIORITY,
-                                data: { t: Date.now() } });
-  const r = http.post(`${BASE}/notifications`, body, { headers });
-  if (check(r, { 'accepted (202)': (x) => x.status === 202 })) posted.add(PER_POST);
+    ? { user_ids: Array.from({ length: PER_POST }, (_, i) => userName(run, (first + i) % USERS)) }
+    : { user_id: userName(run, first) };
+  return { ...target, title: 'bench', body: 'latency', priority: PRIORITY, data: { t: Date.now() } };
+}
+
+export function send(data) {
+  const r = BATCH > 1
+    ? http.post(`${BASE}/notifications/batch`, JSON.stringify({
+        notifications: Array.from({ length: BATCH }, () => notification(data.run)) }), { headers })
+    : http.post(`${BASE}/notifications`, JSON.stringify(notification(data.run)), { headers });
+  if (check(r, { 'accepted (202)': (x) => x.status === 202 })) posted.add(PER_POST * BATCH);
 }
 
 export function backlog(data) {
