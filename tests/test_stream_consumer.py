@@ -236,6 +236,23 @@ def test_one_consumer_name_runs_once(app, rdb, pg):
     assert second.acquire(successor_token)
 
 
+def test_a_consumer_whose_lease_passed_to_another_stops_at_its_next_renewal(app, rdb, pg):
+    from tasks.stream import lease_key
+
+    consumer, _ = _consumer(app, rdb, pg, STREAM_LEASE_SECONDS=1.0, STREAM_BLOCK_MS=50)
+    assert consumer.acquire(None)
+    # As after a lapse: another task holds the name's lease now.
+    rdb.set(lease_key("c1"), "someone-else", px=60_000)
+
+    started = time.monotonic()
+    consumer.run(seconds=10)
+
+    # Renewals come once a tenth of the lease (0.1 s here) has passed; the first one to
+    # find the lease gone stops the run.
+    assert time.monotonic() - started < 2
+    assert rdb.get(lease_key("c1")) == "someone-else"
+
+
 def test_trim_never_drops_unacknowledged_entries(rdb):
     ids = [rdb.xadd(STREAM, {"n": str(i)}) for i in range(10)]
     assert trim_stream(rdb, STREAM) == 0  # no group: nothing may go
