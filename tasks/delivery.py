@@ -60,6 +60,9 @@ _UNACKED = (
         Delivery.acked_at.is_(None),
         inbox.not_expired(),
     )
+    # In seq order, so that a user's notifications in one task are published in order
+    # (the window above sorts by notification id, which is not acceptance order).
+    .order_by(Delivery.id)
 )
 _COUNTERS = (
     metrics.COUNTERS_KEY,

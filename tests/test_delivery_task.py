@@ -134,3 +134,22 @@ def test_a_user_on_two_nodes_reaches_both_and_counts_as_one_sent_copy(client, au
     assert counters["deliveries:websocket:offline"] == "1"
     for pubsub in subscribers:
         pubsub.close()
+
+
+def test_a_users_notifications_in_one_task_are_published_in_seq_order(client, auth, pg, rdb, node):
+    node_id, pubsub = node
+    presence.mark_online(rdb, node_id, ["a"], TTL)
+    # One batch: its ids share a millisecond, so their order is not their acceptance order.
+    batch = [{"user_id": "a", "title": str(i), "body": "b"} for i in range(10)]
+    r = client.post("/notifications/batch", json={"notifications": batch}, headers=auth)
+    assert r.status_code == 202
+    ids: list[int] = []
+    process_entries(
+        pg, list(rdb.xrange("notifications:stream")), lambda _, d, *__: ids.extend(d), 100
+    )
+
+    deliver_websocket_batch(pg, rdb, ids, TTL)
+
+    envelopes = _received(pubsub)
+    assert [e["n"]["title"] for e in envelopes] == [str(i) for i in range(10)]
+    assert [e["to"][0][1] for e in envelopes] == sorted(ids)
