@@ -105,8 +105,9 @@ class IngestWriter:
         response: dict[str, Any],
         idem: IdempotencyRequest | None,
     ) -> Outcome:
-        """Record `rows` all or none (and stream them), block until committed, and say what
-        happened; `response` is the answer for all of them, which an idempotent replay gets."""
+        """Record `rows` all or none, like `submit`; `response` answers them all."""
+        if not rows:
+            raise ValueError("nothing to record")
         self._ensure_thread()
         pending = _Pending(rows=rows, response=response, idem=idem)
         self._queue.put(pending)
@@ -169,7 +170,7 @@ class IngestWriter:
             if len(batch) == 1:
                 raise
             # One bad row must not fail the others it was batched with: retry alone.
-            log.warning("ingest batch of %d failed; retrying rows one by one", len(batch))
+            log.warning("ingest batch of %d failed; retrying requests one by one", len(batch))
             fresh = []
             for pending in batch:
                 try:
@@ -248,6 +249,8 @@ class IngestWriter:
                     "client": p.idem.client,
                     "key": p.idem.key,
                     "request_hash": p.idem.request_hash,
+                    # A batch's key points at its first notification; the stored
+                    # response names them all.
                     "notification_id": p.rows[0]["id"],
                     "response": p.response,
                     "created_at": now,

@@ -105,7 +105,8 @@ def publish_event(
 # Publish a batch of deliveries to their users' live nodes in one command: one message per
 # notification variant and node, carrying that node's [user, seq] pairs. Looking the nodes
 # up and publishing in the same script saves the delivery task a round trip per batch, and
-# the outcome counters ride along for the same reason.
+# the outcome counters ride along for the same reason. They count publishes: a task whose
+# `sent` mark then fails is retried, and its retry is counted again.
 # KEYS: the users' presence keys, then the counters hash.
 # ARGV: lapsed-before score, channel prefix, sent and offline counter fields, the number of
 # variants V, V variant JSON objects, then (user position, '[user,seq]', variant) per row.

@@ -115,8 +115,8 @@ class NotificationIn(Schema):
 
 notification_in = NotificationIn()
 
-# Most notifications in one POST /notifications/batch; as many as one ingest transaction
-# holds by default.
+# Most notifications in one POST /notifications/batch: all of them are written in one
+# ingest transaction, whatever INGEST_BATCH_MAX says.
 BATCH_MAX = 500
 
 

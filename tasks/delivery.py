@@ -80,8 +80,7 @@ class WebsocketResult:
 def deliver_websocket_batch(
     engine: Engine, client: redis.Redis, delivery_ids: list[int], presence_ttl: float
 ) -> WebsocketResult:
-    """Publish the un-acked deliveries among `delivery_ids` to their users' nodes, and count
-    them sent or offline."""
+    """Publish the un-acked deliveries among `delivery_ids` to their users' nodes."""
     # Autocommit: a lone SELECT needs no BEGIN/ROLLBACK round trips.
     with db.autocommit(engine) as conn:
         rows = conn.execute(_UNACKED, {"ids": delivery_ids}).all()

@@ -123,17 +123,18 @@ def test_a_user_on_two_nodes_reaches_both_and_counts_as_one_sent_copy(client, au
     presence.mark_online(rdb, nodes[0], ["b"], TTL)
     ids = _record(client, auth, pg, rdb, user_ids=["a", "b", "c"])
 
-    result = deliver_websocket_batch(pg, rdb, ids, TTL)
-
-    first, second = (_received(p) for p in subscribers)
+    try:
+        result = deliver_websocket_batch(pg, rdb, ids, TTL)
+        first, second = (_received(p) for p in subscribers)
+    finally:
+        for pubsub in subscribers:
+            pubsub.close()
     assert [sorted(u for u, _ in e["to"]) for e in first] == [["a", "b"]]
     assert [[u for u, _ in e["to"]] for e in second] == [["a"]]
     assert (result.sent, result.offline) == (2, 1)
     counters = rdb.hgetall("notifications:metrics")
     assert counters["deliveries:websocket:sent"] == "2"
     assert counters["deliveries:websocket:offline"] == "1"
-    for pubsub in subscribers:
-        pubsub.close()
 
 
 def test_a_users_notifications_in_one_task_are_published_in_seq_order(client, auth, pg, rdb, node):

@@ -17,6 +17,7 @@ from tasks.stream import (
     StreamConsumer,
     ensure_group,
     lane_of,
+    lease_key,
     process_entries,
     trim_stream,
 )
@@ -237,8 +238,6 @@ def test_one_consumer_name_runs_once(app, rdb, pg):
 
 
 def test_a_consumer_whose_lease_passed_to_another_stops_at_its_next_renewal(app, rdb, pg):
-    from tasks.stream import lease_key
-
     consumer, _ = _consumer(app, rdb, pg, STREAM_LEASE_SECONDS=1.0, STREAM_BLOCK_MS=50)
     assert consumer.acquire(None)
     # As after a lapse: another task holds the name's lease now.

@@ -110,7 +110,7 @@ def create_notifications() -> tuple[Response, int] | Response:
         raise ApiError(
             422,
             "validation_error",
-            f"{len(errors)} of the notifications are invalid; none was accepted.",
+            f"Invalid notifications at positions {', '.join(errors)}; none was accepted.",
             {"notifications": errors},
         )
     answer = {"notifications": [a for _, a in prepared]}
