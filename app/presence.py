@@ -108,12 +108,13 @@ def publish_event(
 # the outcome counters ride along for the same reason. They count publishes: a task whose
 # `sent` mark then fails is retried, and its retry is counted again.
 # KEYS: the users' presence keys, then the counters hash.
-# ARGV: lapsed-before score, channel prefix, sent and offline counter fields, the number of
-# variants V, V variant JSON objects, then (user position, '[user,seq]', variant) per row.
+# ARGV: lapsed-before score, channel prefix, sent and offline counter fields, offline rows
+# left out by the caller, the number of variants V, V variant JSON objects, then
+# (user position, '[user,seq]', variant) per row.
 # Returns the positions of the rows that reached at least one subscriber.
 _ROUTE = """
 local since, prefix = ARGV[1], ARGV[2]
-local first_row = 6 + tonumber(ARGV[5])
+local first_row = 7 + tonumber(ARGV[6])
 local nodes_of = {}
 for i = 1, #KEYS - 1 do
   nodes_of[i] = redis.call('zrangebyscore', KEYS[i], since, '+inf')
@@ -125,7 +126,7 @@ for r = first_row, #ARGV, 3 do
     local name = variant .. ' ' .. node
     local group = groups[name]
     if not group then
-      group = {variant = 5 + tonumber(variant), node = node, to = {}, rows = {}}
+      group = {variant = 6 + tonumber(variant), node = node, to = {}, rows = {}}
       groups[name] = group
       order[#order + 1] = group
     end
@@ -146,9 +147,9 @@ for _, group in ipairs(order) do
     end
   end
 end
-local rows = (#ARGV - first_row + 1) / 3
+local offline = (#ARGV - first_row + 1) / 3 - #out + tonumber(ARGV[5])
 if #out > 0 then redis.call('hincrby', KEYS[#KEYS], ARGV[3], #out) end
-if rows > #out then redis.call('hincrby', KEYS[#KEYS], ARGV[4], rows - #out) end
+if offline > 0 then redis.call('hincrby', KEYS[#KEYS], ARGV[4], offline) end
 return out
 """
 
@@ -159,15 +160,17 @@ def route(
     rows: list[tuple[str, int, int]],
     ttl: float,
     counters: tuple[str, str, str],
+    also_offline: int = 0,
 ) -> list[int]:
     """Publish each (user, seq, variant) row to the live nodes holding the user's sockets.
 
     `variants` are the notifications' JSON (one per notification and language); rows of
     one variant for one node share a message. `counters` is the counters hash and its
-    sent and offline fields. Returns the indexes of the rows that reached a subscriber;
-    the others' users are offline, or their node vanished since its last heartbeat.
+    sent and offline fields; `also_offline` counts rows the caller already found offline.
+    Returns the indexes of the rows that reached a subscriber; the others' users are
+    offline, or their node vanished since its last heartbeat.
     """
-    if not rows:
+    if not rows and not also_offline:
         return []
     users: dict[str, int] = {}
     args: list[Any] = []
@@ -177,7 +180,7 @@ def route(
     key, sent_field, offline_field = counters
     reached = client.register_script(_ROUTE)(
         keys=[*(presence_key(u) for u in users), key],
-        args=[time.time() - ttl, NODE_CHANNEL_PREFIX, sent_field, offline_field,
+        args=[time.time() - ttl, NODE_CHANNEL_PREFIX, sent_field, offline_field, also_offline,
               len(variants), *variants, *args],
     )  # fmt: skip
     return [i - 1 for i in reached]

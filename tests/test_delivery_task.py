@@ -154,3 +154,63 @@ def test_a_users_notifications_in_one_task_are_published_in_seq_order(client, au
     envelopes = _received(pubsub)
     assert [e["n"]["title"] for e in envelopes] == [str(i) for i in range(10)]
     assert [e["to"][0][1] for e in envelopes] == sorted(ids)
+
+
+def test_a_task_of_many_notifications_publishes_the_online_ones_and_counts_the_rest(
+    client, auth, pg, rdb, node
+):
+    node_id, pubsub = node
+    presence.mark_online(rdb, node_id, ["a"], TTL)
+    batch = [
+        {"user_id": "a" if i % 2 else "b", "title": str(i), "body": "b"} for i in range(12)
+    ]  # more distinct notifications than PRESENCE_FIRST_OVER: presence is looked up first
+    r = client.post("/notifications/batch", json={"notifications": batch}, headers=auth)
+    assert r.status_code == 202
+    ids: list[int] = []
+    process_entries(
+        pg, list(rdb.xrange("notifications:stream")), lambda _, d, *__: ids.extend(d), 100
+    )
+
+    result = deliver_websocket_batch(pg, rdb, ids, TTL)
+
+    assert [e["n"]["title"] for e in _received(pubsub)] == ["1", "3", "5", "7", "9", "11"]
+    assert (result.sent, result.offline) == (6, 6)
+    counters = rdb.hgetall("notifications:metrics")
+    assert (counters["deliveries:websocket:sent"], counters["deliveries:websocket:offline"]) == (
+        "6",
+        "6",
+    )
+    assert set(_statuses_by_title(pg).items()) == {
+        (str(i), "sent" if i % 2 else "pending") for i in range(12)
+    }
+
+
+def test_a_task_of_many_notifications_for_offline_users_counts_them_all_offline(
+    client, auth, pg, rdb
+):
+    batch = [{"user_id": f"u{i}", "title": str(i), "body": "b"} for i in range(12)]
+    r = client.post("/notifications/batch", json={"notifications": batch}, headers=auth)
+    assert r.status_code == 202
+    ids: list[int] = []
+    process_entries(
+        pg, list(rdb.xrange("notifications:stream")), lambda _, d, *__: ids.extend(d), 100
+    )
+
+    result = deliver_websocket_batch(pg, rdb, ids, TTL)
+
+    assert (result.sent, result.offline) == (0, 12)
+    counters = rdb.hgetall("notifications:metrics")
+    assert counters["deliveries:websocket:offline"] == "12"
+    assert "deliveries:websocket:sent" not in counters
+
+
+def _statuses_by_title(pg) -> dict[str, str]:
+    with pg.connect() as conn:
+        return dict(
+            conn.execute(
+                text(
+                    "SELECT n.title, d.status FROM deliveries d "
+                    "JOIN notifications n ON n.id = d.notification_id"
+                )
+            ).all()
+        )
