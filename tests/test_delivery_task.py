@@ -47,6 +47,17 @@ def _record(client, auth, pg, rdb, **fields) -> list[int]:
     return ids
 
 
+def _record_batch(client, auth, pg, rdb, batch: list[dict]) -> list[int]:
+    """Post notifications as one batch and record their deliveries; returns their ids."""
+    r = client.post("/notifications/batch", json={"notifications": batch}, headers=auth)
+    assert r.status_code == 202, r.json
+    ids: list[int] = []
+    process_entries(
+        pg, list(rdb.xrange("notifications:stream")), lambda _, d, *__: ids.extend(d), 100
+    )
+    return ids
+
+
 def _statuses(pg) -> dict[str, str]:
     with pg.connect() as conn:
         return dict(conn.execute(text("SELECT user_id, status FROM deliveries")).all())
@@ -142,12 +153,7 @@ def test_a_users_notifications_in_one_task_are_published_in_seq_order(client, au
     presence.mark_online(rdb, node_id, ["a"], TTL)
     # One batch: its ids share a millisecond, so their order is not their acceptance order.
     batch = [{"user_id": "a", "title": str(i), "body": "b"} for i in range(10)]
-    r = client.post("/notifications/batch", json={"notifications": batch}, headers=auth)
-    assert r.status_code == 202
-    ids: list[int] = []
-    process_entries(
-        pg, list(rdb.xrange("notifications:stream")), lambda _, d, *__: ids.extend(d), 100
-    )
+    ids = _record_batch(client, auth, pg, rdb, batch)
 
     deliver_websocket_batch(pg, rdb, ids, TTL)
 
@@ -164,12 +170,7 @@ def test_a_task_of_many_notifications_publishes_the_online_ones_and_counts_the_r
     batch = [
         {"user_id": "a" if i % 2 else "b", "title": str(i), "body": "b"} for i in range(12)
     ]  # more distinct notifications than PRESENCE_FIRST_OVER: presence is looked up first
-    r = client.post("/notifications/batch", json={"notifications": batch}, headers=auth)
-    assert r.status_code == 202
-    ids: list[int] = []
-    process_entries(
-        pg, list(rdb.xrange("notifications:stream")), lambda _, d, *__: ids.extend(d), 100
-    )
+    ids = _record_batch(client, auth, pg, rdb, batch)
 
     result = deliver_websocket_batch(pg, rdb, ids, TTL)
 
@@ -189,12 +190,7 @@ def test_a_task_of_many_notifications_for_offline_users_counts_them_all_offline(
     client, auth, pg, rdb
 ):
     batch = [{"user_id": f"u{i}", "title": str(i), "body": "b"} for i in range(12)]
-    r = client.post("/notifications/batch", json={"notifications": batch}, headers=auth)
-    assert r.status_code == 202
-    ids: list[int] = []
-    process_entries(
-        pg, list(rdb.xrange("notifications:stream")), lambda _, d, *__: ids.extend(d), 100
-    )
+    ids = _record_batch(client, auth, pg, rdb, batch)
 
     result = deliver_websocket_batch(pg, rdb, ids, TTL)
 

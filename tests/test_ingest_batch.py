@@ -5,10 +5,11 @@ from __future__ import annotations
 import uuid
 
 import orjson
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from app.schemas import BATCH_MAX
 from models import Notification, Priority
+from tests.helpers import count_rows
 
 
 def _stream(rdb, key="notifications:stream"):
@@ -64,8 +65,7 @@ def test_one_invalid_notification_fails_the_batch_naming_it_and_records_nothing(
     assert set(errors) == {"1", "2"}
     assert "body" in errors["1"]
     assert "priority" in errors["2"]
-    with pg.connect() as conn:
-        assert conn.scalar(select(func.count()).select_from(Notification)) == 0
+    assert count_rows(pg, "notifications") == 0
     assert _stream(rdb) == []
 
 
@@ -76,8 +76,7 @@ def test_a_notification_failing_past_the_schema_is_named_by_its_position(client,
 
     assert r.status_code == 422
     assert r.json["fields"] == {"notifications": {"1": {"expires_at": ["Must be in the future."]}}}
-    with pg.connect() as conn:
-        assert conn.scalar(select(func.count()).select_from(Notification)) == 0
+    assert count_rows(pg, "notifications") == 0
 
 
 def test_an_empty_missing_or_oversized_batch_is_422(client, auth, pg):
@@ -90,8 +89,7 @@ def test_an_empty_missing_or_oversized_batch_is_422(client, auth, pg):
         r = client.post("/notifications/batch", json=body, headers=auth)
         assert r.status_code == 422, body
         assert "notifications" in r.json["fields"]
-    with pg.connect() as conn:
-        assert conn.scalar(select(func.count()).select_from(Notification)) == 0
+    assert count_rows(pg, "notifications") == 0
 
 
 def test_a_batch_replayed_with_its_idempotency_key_creates_nothing_more(client, auth, pg):
@@ -107,8 +105,7 @@ def test_a_batch_replayed_with_its_idempotency_key_creates_nothing_more(client, 
     assert again.headers["Idempotent-Replayed"] == "true"
     assert other.status_code == 422
     assert "Idempotency-Key" in other.json["fields"]
-    with pg.connect() as conn:
-        assert conn.scalar(select(func.count()).select_from(Notification)) == 2
+    assert count_rows(pg, "notifications") == 2
 
 
 def test_a_batch_needs_an_api_key(client, pg):
