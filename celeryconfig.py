@@ -14,6 +14,8 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 broker_connection_retry_on_startup = True
+# kombu's Redis transport with one command client per channel (app/broker.py says why).
+broker_transport = "app.broker:Transport"
 # Countdowns stay far below this; anything longer belongs to the retry ZSET sweeper.
 # queue_order_strategy "priority": a worker drains its queues in the order given to -Q
 # (high, default, low), so a high-priority delivery never waits behind a low backlog.
