@@ -14,12 +14,16 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 broker_connection_retry_on_startup = True
-# kombu's Redis transport with one command client per channel (app/broker.py says why).
-broker_transport = "app.broker:Transport"
 # Countdowns stay far below this; anything longer belongs to the retry ZSET sweeper.
 # queue_order_strategy "priority": a worker drains its queues in the order given to -Q
 # (high, default, low), so a high-priority delivery never waits behind a low backlog.
-broker_transport_options = {"visibility_timeout": 3600, "queue_order_strategy": "priority"}
+# max_connections: a channel's pool, above the channels worker's 16 threads (kombu's default
+# of 10 raises rather than waits when more threads ack at once).
+broker_transport_options = {
+    "visibility_timeout": 3600,
+    "queue_order_strategy": "priority",
+    "max_connections": 32,
+}
 
 task_default_queue = "default"
 # "channels" (webhook, email) has its own worker: a slow or failing receiver ties up only

@@ -8,7 +8,7 @@ from celery import Celery, Task
 from celery.signals import setup_logging
 from flask import Flask
 
-from app import logs
+from app import broker, logs
 
 
 def init_app(app: Flask) -> Celery:
@@ -26,6 +26,7 @@ def init_app(app: Flask) -> Celery:
 
     setup_logging.connect(_setup_logging, weak=False, dispatch_uid="notifier-logging")
 
+    broker.install()
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object("celeryconfig")
     celery_app.conf.broker_url = cfg.broker_url

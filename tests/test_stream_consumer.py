@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -12,9 +14,11 @@ from sqlalchemy.exc import OperationalError
 
 from app.config import Config
 from tasks import stream
+from tasks.delivery import TASK
 from tasks.stream import (
     RECORD_CHUNK,
     StreamConsumer,
+    celery_enqueue,
     ensure_group,
     lane_of,
     lease_key,
@@ -372,3 +376,21 @@ def test_high_priority_arriving_mid_batch_overtakes_the_rest_of_a_big_low_read(
     assert lanes.count("high") == 1
     assert _deliveries(pg) == 4 * (RECORD_CHUNK - 10) + 1
     assert rdb.xpending(STREAM, GROUP)["pending"] == 0
+
+
+def test_enqueued_deliveries_land_on_their_lane_with_every_id(app, rdb):
+    ids = list(range(1, 501))
+    with app.app_context():
+        celery_enqueue("high", ids)
+        celery_enqueue("default", [7])
+
+    [high] = [json.loads(raw) for raw in rdb.lrange("high", 0, -1)]
+    assert high["headers"]["task"] == TASK
+    args, _, _ = json.loads(base64.b64decode(high["body"]))
+    assert args == [ids]
+    # Flower shows the short form, not Celery's repr of 500 ids.
+    assert high["headers"]["argsrepr"] == "[[1, ..., 500] (500 ids)]"
+
+    [default] = [json.loads(raw) for raw in rdb.lrange("default", 0, -1)]
+    assert json.loads(base64.b64decode(default["body"]))[0] == [[7]]
+    assert default["headers"]["argsrepr"] == "[[7]]"
