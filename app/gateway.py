@@ -389,6 +389,11 @@ def _serve(s: Socket, hub: Hub) -> None:
                 _replay(s)
             else:
                 s.send_live(message)
+            if s.outbox or s.urgent:
+                # One frame per turn: a burst queued for hundreds of sockets would otherwise
+                # hold the process's one thread for a whole socket's queue at a time, and
+                # the API's requests and the ingest writer would wait for all of them.
+                time.sleep(0)
         if ws.input_buffer:
             if not _handle_frame(s, hub, ws.input_buffer.pop(0)):
                 return
