@@ -389,10 +389,13 @@ def _serve(s: Socket, hub: Hub) -> None:
                 _replay(s)
             else:
                 s.send_live(message)
+            if ws.input_buffer:
+                break  # the client's acks and pings are answered between frames too
             if s.outbox or s.urgent:
-                # One frame per turn: a burst queued for hundreds of sockets would otherwise
-                # hold the process's one thread for a whole socket's queue at a time, and
-                # the API's requests and the ingest writer would wait for all of them.
+                # One frame per turn. A write that does not block never yields under
+                # gevent, so a burst queued for hundreds of sockets had each handler send
+                # its whole queue at once, and the API's requests and the ingest writer
+                # waited behind many sockets' queues at each of their round trips.
                 time.sleep(0)
         if ws.input_buffer:
             if not _handle_frame(s, hub, ws.input_buffer.pop(0)):
