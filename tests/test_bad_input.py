@@ -60,6 +60,31 @@ def test_invalid_body_is_422_naming_the_field_and_records_nothing(
     _assert_nothing_recorded(pg, rdb)
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (7, "Not a valid string."),
+        ("", "Length must be between 1 and 255."),
+        ("x" * 256, "Length must be between 1 and 255."),
+        ("a\x00b", "Must not contain NUL characters."),
+        (None, "Field may not be null."),
+    ],
+    ids=["number", "empty", "too-long", "nul", "null"],
+)
+def test_a_bad_recipient_among_thousands_is_named_by_its_position(
+    client, auth, pg, rdb, bad, message
+):
+    user_ids = [f"u{i}" for i in range(5_000)]
+    user_ids[4_321] = bad
+
+    r = client.post("/notifications", json={"user_ids": user_ids, "title": "t", "body": "b"},
+                    headers=auth)  # fmt: skip
+
+    assert r.status_code == 422
+    assert r.json["fields"]["user_ids"] == {"4321": [message]}
+    _assert_nothing_recorded(pg, rdb)
+
+
 def test_malformed_json_is_400_and_records_nothing(client, auth, pg, rdb):
     r = client.post("/notifications", data='{"user_id": "u1",', headers={**auth, **JSON})
 
