@@ -140,8 +140,9 @@ def _expired(payload: dict[str, Any], now: datetime) -> bool:
     return bool(expires_at) and datetime.fromisoformat(expires_at) <= now
 
 
-@dataclass(frozen=True)
-class NewDelivery:
+# A tuple, not a frozen dataclass: a 10,000-recipient fan-out builds 10,000 of them before
+# its first chunk is written, and a dataclass took three times as long to build.
+class NewDelivery(NamedTuple):
     notification_id: uuid.UUID
     user_id: str
     channel: str
@@ -409,9 +410,20 @@ def _deliveries_of(
     renditions = payload.get("renditions")
     category = payload.get("category")
     priority = str(payload.get("priority", "normal"))
+    given_lang = payload.get("lang")
+    if not users and not renditions:
+        # No preferences to look at (the common case, and every big fan-out's): the same
+        # delivery per channel for each recipient.
+        for user_id in payload["recipients"]:
+            for channel in channels:
+                yield NewDelivery(
+                    nid, user_id, channel, escalate_at if channel == WEBSOCKET else None,
+                    given_lang,
+                )  # fmt: skip
+        return
     for user_id in payload["recipients"]:
         user = users.get(user_id)
-        lang = payload.get("lang")
+        lang = given_lang
         if renditions:
             lang = locales.choose(
                 [lang, user.locale if user else None],
