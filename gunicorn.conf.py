@@ -83,3 +83,10 @@ GC_THRESHOLDS = (10_000, 20, 100)
 
 def post_fork(server, worker):
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def post_worker_init(worker):
+    # The app is loaded: its objects live as long as the process (app/heap.py).
+    from app import heap
+
+    heap.freeze_startup_objects()

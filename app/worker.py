@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import setup_logging
+from celery.signals import beat_init, setup_logging, worker_process_init, worker_ready
 from flask import Flask
 
-from app import broker, logs
+from app import broker, heap, logs
 
 
 def init_app(app: Flask) -> Celery:
@@ -25,6 +25,9 @@ def init_app(app: Flask) -> Celery:
         logs.configure(cfg.LOG_LEVEL, cfg.LOG_FORMAT, root_level=loglevel or "INFO")
 
     setup_logging.connect(_setup_logging, weak=False, dispatch_uid="notifier-logging")
+    # Once a worker (or prefork child, or beat) is set up, its set-up objects are frozen.
+    for signal in (worker_ready, worker_process_init, beat_init):
+        signal.connect(_freeze, weak=False, dispatch_uid=f"notifier-freeze-{signal.name}")
 
     broker.install()
     celery_app = Celery(app.name, task_cls=FlaskTask)
@@ -67,3 +70,7 @@ def init_app(app: Flask) -> Celery:
     celery_app.set_default()
     app.extensions["celery"] = celery_app
     return celery_app
+
+
+def _freeze(**_: Any) -> None:
+    heap.freeze_startup_objects()
