@@ -451,6 +451,17 @@ def _maybe_uuid(value: str | None) -> uuid.UUID | None:
 # The fraction of its lease a consumer lets pass before renewing it.
 RENEW_AFTER = 0.1
 
+# PostgreSQL or Redis is down or the connection dropped: nothing is wrong with the entries.
+UNREACHABLE = (OperationalError, InterfaceError, redis.ConnectionError, redis.TimeoutError)
+
+
+class FailedEntries(Exception):
+    """Entries that failed on their own; the rest of their read was handled and XACKed."""
+
+    def __init__(self, entry_ids: list[str]) -> None:
+        super().__init__(f"{len(entry_ids)} stream entries failed: {', '.join(entry_ids[:5])}")
+        self.entry_ids = entry_ids
+
 
 class StreamConsumer:
     """One named member of the consumer group, run for a bounded time."""
@@ -535,7 +546,7 @@ class StreamConsumer:
                     ensure_group(self.redis, cfg.STREAM_KEY, cfg.STREAM_GROUP)
                     continue
                 raise
-            except (OperationalError, InterfaceError, redis.ConnectionError, redis.TimeoutError):
+            except UNREACHABLE:
                 # PostgreSQL or Redis is unreachable: the entries are fine, keep them pending
                 # and retry without counting it against them.
                 log.exception(
@@ -607,9 +618,11 @@ class StreamConsumer:
         """Entries handed out more than STREAM_MAX_DELIVERIES times, with the reason."""
         cfg = self.cfg
         dead = {}
+        # Only this consumer's: the entries were just read or claimed by it, and other
+        # consumers' entries in the same id range would use up the count.
         for info in self.redis.xpending_range(
-            cfg.STREAM_KEY, cfg.STREAM_GROUP, min=entry_ids[0], max=entry_ids[-1],
-            count=len(entry_ids) + 100,
+            cfg.STREAM_KEY, cfg.STREAM_GROUP, min=min(entry_ids, key=_id_key),
+            max=max(entry_ids, key=_id_key), count=len(entry_ids), consumername=self.name,
         ):  # fmt: skip
             if (
                 info["message_id"] in entry_ids
@@ -632,20 +645,14 @@ class StreamConsumer:
         cfg = self.cfg
         todo = sorted(entries, key=_rank_of_entry) if not replay else list(entries)
         dead_letters = 0
+        failed: list[str] = []
         while todo:
             group, todo = _take_group(todo, RECORD_CHUNK)
             # process_entries adds the undecodable entries to the dict it is given.
             group_dead = {eid: dead[eid] for eid, _ in group if eid in dead}
-            done = process_entries(
-                self.engine,
-                group,
-                self.enqueue,
-                cfg.DELIVERY_BATCH,
-                group_dead,
-                replay=replay,
-                critical=cfg.critical_categories,
-            )
-            self.redis.xack(cfg.STREAM_KEY, cfg.STREAM_GROUP, *done)
+            done = self._process(group, group_dead, replay, failed)
+            if done:
+                self.redis.xack(cfg.STREAM_KEY, cfg.STREAM_GROUP, *done)
             dead_letters += len(group_dead)
             if not todo:
                 break
@@ -653,6 +660,7 @@ class StreamConsumer:
                 # The rest stays pending under this name for whoever holds the lease next.
                 log.warning("consumer %s lost its lease mid-batch; stopping", self.name)
                 break
+            self._still_working_on(todo)
             if not replay and len(todo) < QUEUE_MAX_ENTRIES:
                 reply = self.redis.xreadgroup(
                     cfg.STREAM_GROUP, self.name, {cfg.STREAM_KEY: ">"}, count=cfg.STREAM_BATCH
@@ -661,6 +669,72 @@ class StreamConsumer:
                 if newer:
                     todo = sorted(todo + newer, key=_rank_of_entry)
         metrics.count(self.redis, "dead_letters", "stream", n=dead_letters)
+        if failed:
+            # Left pending: the retry claims them, which counts against their deliveries,
+            # so one that keeps failing ends in the dead-letter table.
+            raise FailedEntries(failed)
+
+    def _process(
+        self, group: list[StreamEntry], dead: dict[str, str], replay: bool, failed: list[str]
+    ) -> list[str]:
+        """process_entries for a group; the ids to XACK.
+
+        When the group fails for a reason of its own (not an unreachable store), its entries
+        are handled one at a time: an entry that fails alone is added to `failed` and left
+        pending, and the good entries beside it are not held back with it, to be retried
+        until the delivery bound sends them all to the dead-letter table.
+        """
+        cfg = self.cfg
+
+        def handle(entries: list[StreamEntry], entries_dead: dict[str, str], again: bool):
+            return process_entries(
+                self.engine, entries, self.enqueue, cfg.DELIVERY_BATCH, entries_dead,
+                replay=again, critical=cfg.critical_categories,
+            )  # fmt: skip
+
+        try:
+            return handle(group, dead, replay)
+        except (*UNREACHABLE, redis.RedisError):
+            raise
+        except Exception:
+            if len(group) == 1:
+                log.exception("consumer %s: stream entry %s failed", self.name, group[0][0])
+                failed.append(group[0][0])
+                return []
+            log.exception(
+                "consumer %s: a group of %d entries failed; handling them one at a time",
+                self.name, len(group),
+            )  # fmt: skip
+        done: list[str] = []
+        for entry in group:
+            alone = {entry[0]: dead[entry[0]]} if entry[0] in dead else {}
+            try:
+                # As a replay: the failed attempt may have committed some of its deliveries
+                # without enqueueing them.
+                done += handle([entry], alone, True)
+            except (*UNREACHABLE, redis.RedisError):
+                raise
+            except Exception:
+                log.exception("consumer %s: stream entry %s failed", self.name, entry[0])
+                failed.append(entry[0])
+                continue
+            dead.update(alone)
+        return done
+
+    def _still_working_on(self, todo: list[StreamEntry]) -> None:
+        """Reset the idle time of held entries about to look abandoned.
+
+        A long read (big fan-outs behind each other) can hold entries past
+        STREAM_CLAIM_IDLE_MS before their turn; another consumer would then claim and
+        handle them too, and each claim counts toward the dead-letter bound. XCLAIM to this
+        consumer with JUSTID resets the idle time without counting a delivery. Entries idle
+        for less than half the bound are left alone, so one another consumer has claimed
+        since is not taken back.
+        """
+        self.redis.xclaim(
+            self.cfg.STREAM_KEY, self.cfg.STREAM_GROUP, self.name,
+            self.cfg.STREAM_CLAIM_IDLE_MS // 2, [eid for eid, _ in todo], justid=True,
+        )  # fmt: skip
 
 
 # Entries a consumer holds read but unprocessed before it stops reading ahead for

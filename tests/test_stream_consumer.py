@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -227,6 +229,68 @@ def test_entry_handed_out_too_often_goes_to_dead_letters(app, client, auth, pg, 
     assert _deliveries(pg) == 0
     with pg.connect() as conn:
         assert conn.scalar(text("SELECT count(*) FROM dead_letters")) == 1
+    assert rdb.xpending(STREAM, GROUP)["pending"] == 0
+
+
+def test_a_failing_entry_goes_to_dead_letters_alone_and_the_rest_of_its_read_is_delivered(
+    app, client, auth, pg, rdb
+):
+    ensure_group(rdb, STREAM, GROUP)
+    first = _post(client, auth, user_id="a")
+    # A well-formed entry whose notification row does not exist (appended by hand, or
+    # re-driven after its row was purged): recording its delivery violates the foreign key.
+    orphan = str(uuid.uuid4())
+    rdb.xadd(STREAM, {"id": orphan, "payload": orjson.dumps({"id": orphan, "recipients": ["b"]})})
+    later = [_post(client, auth, user_id=f"c{i}") for i in range(3)]
+    consumer, enqueue = _consumer(app, rdb, pg, STREAM_MAX_DELIVERIES=3, STREAM_BLOCK_MS=50)
+    consumer.acquire(None)
+
+    consumer.run(seconds=3)
+
+    with pg.connect() as conn:
+        recorded = set(conn.scalars(text("SELECT notification_id::text FROM deliveries")))
+        dead = conn.execute(text("SELECT notification_id::text, error FROM dead_letters")).all()
+    assert recorded == {first, *later}
+    assert len(enqueue.ids) == 4
+    assert [d.notification_id for d in dead] == [orphan]
+    assert "handed out" in dead[0].error  # by the delivery bound
+    assert rdb.xpending(STREAM, GROUP)["pending"] == 0
+
+
+def test_entries_held_for_their_turn_are_not_claimed_by_another_consumer(
+    app, client, auth, pg, rdb, monkeypatch
+):
+    ensure_group(rdb, STREAM, GROUP)
+    ids = [_post(client, auth, user_id=f"u{i}") for i in range(16)]
+    # One entry per group, each taking 0.25 s: the last ones wait 4 s for their turn,
+    # past the 3 s after which another consumer may claim an entry as abandoned.
+    monkeypatch.setattr(stream, "RECORD_CHUNK", 1)
+    real = stream.process_entries
+
+    def slow(*args, **kwargs):
+        time.sleep(0.25)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stream, "process_entries", slow)
+    holder, held = _consumer(app, rdb, pg, name="holder", STREAM_CLAIM_IDLE_MS=3000)
+    holder.acquire(None)
+    other, claimed = _consumer(app, rdb, pg, name="other", STREAM_CLAIM_IDLE_MS=3000)
+    stop = threading.Event()
+
+    def claim_meanwhile():
+        while not stop.wait(0.1):
+            other.claim_abandoned()
+
+    claimer = threading.Thread(target=claim_meanwhile)
+    claimer.start()
+    try:
+        holder.read_once(False)
+    finally:
+        stop.set()
+        claimer.join()
+
+    assert claimed.ids == []
+    assert sorted(held.ids) == list(range(1, len(ids) + 1))
     assert rdb.xpending(STREAM, GROUP)["pending"] == 0
 
 
