@@ -79,6 +79,18 @@ def test_users_own_token_reads_its_inbox_but_not_anothers(client, auth, inbox_of
     assert client.get("/users/eve/unread-count", headers=auth).json["unread"] == 1
 
 
+def test_users_own_token_cannot_ack_anothers_offline_queue(client, auth, inbox_of):
+    [eves] = inbox_of("eve2", 1)
+    inbox_of("dee2", 1)
+    dee = _token(client, auth, "dee2")
+
+    r = client.post("/notifications/offline/eve2/ack", json={"ids": [eves]}, headers=dee)
+
+    assert r.status_code == 403
+    left = client.get("/notifications/offline/eve2", headers=auth).json["notifications"]
+    assert [n["id"] for n in left] == [eves]
+
+
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"},
                                      {"x-api-key": "wrong"}])  # fmt: skip
 def test_inbox_without_valid_credentials_is_401(client, headers):
