@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from sqlalchemy import text
 
-from tests.helpers import count_rows
+from tests.helpers import count_rows, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -61,3 +63,34 @@ def test_gunicorn_server_answers_bad_input_without_a_500(live_server, auth, pg):
     assert status == 422
     assert "user_id" in body["fields"]
     assert count_rows(pg, "notifications") == 0
+
+
+def test_a_request_waiting_on_postgresql_does_not_hold_up_the_rest_of_its_process(
+    live_server, auth, pg
+):
+    # One gevent process: were psycopg2 not cooperative, the POST's blocked INSERT would
+    # stop every other request in it.
+    port = live_server(workers=1)
+    with pg.connect() as locker:
+        locker.execute(text("LOCK TABLE notifications IN ACCESS EXCLUSIVE MODE"))
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            blocked = pool.submit(
+                _request, port, "POST", "/notifications",
+                {"user_id": "u1", "title": "t", "body": "b"}, auth,
+            )  # fmt: skip
+            wait_until(lambda: _lock_waiters(pg) > 0, timeout=10)
+
+            started = time.monotonic()
+            assert _request(port, "GET", "/healthz") == (200, {"status": "ok"})
+            assert time.monotonic() - started < 2
+            assert not blocked.done()
+
+            locker.rollback()  # the lock goes, the INSERT goes through
+            assert blocked.result(timeout=30)[0] == 202
+
+
+def _lock_waiters(pg) -> int:
+    with pg.connect() as conn:
+        return conn.scalar(
+            text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+        )
