@@ -622,7 +622,7 @@ class StreamConsumer:
         # consumers' entries in the same id range would use up the count.
         for info in self.redis.xpending_range(
             cfg.STREAM_KEY, cfg.STREAM_GROUP, min=min(entry_ids, key=_id_key),
-            max=max(entry_ids, key=_id_key), count=len(entry_ids), consumername=self.name,
+            max=max(entry_ids, key=_id_key), count=len(entry_ids) + 100, consumername=self.name,
         ):  # fmt: skip
             if (
                 info["message_id"] in entry_ids
@@ -680,9 +680,9 @@ class StreamConsumer:
         """process_entries for a group; the ids to XACK.
 
         When the group fails for a reason of its own (not an unreachable store), its entries
-        are handled one at a time: an entry that fails alone is added to `failed` and left
-        pending, and the good entries beside it are not held back with it, to be retried
-        until the delivery bound sends them all to the dead-letter table.
+        are handled one at a time. An entry that fails alone is added to `failed` and left
+        pending; the good entries beside it are recorded now, where they used to be retried
+        with it until the delivery bound sent them all to the dead-letter table.
         """
         cfg = self.cfg
 
