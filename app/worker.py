@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery, Task
@@ -9,6 +10,8 @@ from celery.signals import beat_init, setup_logging, worker_process_init, worker
 from flask import Flask
 
 from app import broker, heap, logs
+
+log = logging.getLogger(__name__)
 
 
 def init_app(app: Flask) -> Celery:
@@ -25,8 +28,21 @@ def init_app(app: Flask) -> Celery:
         logs.configure(cfg.LOG_LEVEL, cfg.LOG_FORMAT, root_level=loglevel or "INFO")
 
     setup_logging.connect(_setup_logging, weak=False, dispatch_uid="notifier-logging")
-    # Once a worker (or prefork child, or beat) is set up, its set-up objects are frozen.
-    for signal in (worker_ready, worker_process_init, beat_init):
+
+    def _worker_ready(**_: Any) -> None:
+        # The platform's workers run their tasks in this process (threads and solo pools).
+        from tasks import delivery
+
+        engine = app.extensions["db.engine"]
+        try:
+            delivery.warm_up(engine, max(1, engine.pool.size() // 2))
+        except Exception:
+            log.warning("could not warm up the database connections", exc_info=True)
+        heap.freeze_startup_objects()
+
+    worker_ready.connect(_worker_ready, weak=False, dispatch_uid="notifier-worker-ready")
+    # A prefork child or beat: set up, so its set-up objects are frozen.
+    for signal in (worker_process_init, beat_init):
         signal.connect(_freeze, weak=False, dispatch_uid=f"notifier-freeze-{signal.name}")
 
     broker.install()

@@ -9,6 +9,7 @@ only while pending: a replay on one socket must not keep it from the user's othe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -75,6 +76,26 @@ _COUNTERS = (
 # shipping to Redis) a message for users who all turn out offline cost more than the extra
 # round trip. A fan-out or a task of a few notifications stays at one script call.
 PRESENCE_FIRST_OVER = 8
+
+
+def warm_up(engine: Engine, connections: int) -> None:
+    """Open `connections` of the autocommit pool and run the task's read once on each.
+
+    On a fresh worker the first tasks paid for connecting (7-9 ms), compiling the read and
+    the server's first look at the tables (9-21 ms). A user's first notification, alone in
+    its task, then reached the socket after the next ones, which came 10 ms later in a
+    second task on a thread that started as cold (docs/BENCHMARKS.md).
+    """
+    with contextlib.ExitStack() as held:
+        for _ in range(connections):
+            conn = held.enter_context(db.autocommit(engine))
+            # A worker must start even while the table is locked (a migration, say): the
+            # warm-up then gives up rather than wait, and the first tasks pay as before.
+            conn.exec_driver_sql("SET lock_timeout = '200ms'")
+            try:
+                conn.execute(_UNACKED, {"ids": []})
+            finally:
+                conn.exec_driver_sql("RESET lock_timeout")
 
 
 @dataclass

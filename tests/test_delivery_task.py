@@ -8,9 +8,10 @@ import uuid
 import orjson
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
-from app import inbox, presence
-from tasks.delivery import deliver_websocket_batch
+from app import db, inbox, presence
+from tasks.delivery import deliver_websocket_batch, warm_up
 from tasks.stream import process_entries
 
 TTL = 30.0
@@ -210,3 +211,34 @@ def _statuses_by_title(pg) -> dict[str, str]:
                 )
             ).all()
         )
+
+
+def test_warm_up_leaves_the_pools_connections_open_for_the_first_tasks(database_url):
+    engine = db.make_engine(database_url, pool_size=8)
+    try:
+        warm_up(engine, 4)
+
+        with db.autocommit(engine) as conn:
+            pool = conn.engine.pool
+        # All four connected, and back in the pool for the first tasks to take.
+        assert pool.checkedin() == 4
+        assert pool.checkedout() == 0
+    finally:
+        db.dispose(engine)
+
+
+def test_warm_up_gives_up_at_once_while_the_deliveries_table_is_locked(database_url, pg):
+    engine = db.make_engine(database_url)
+    try:
+        with pg.connect() as locker:
+            locker.execute(text("LOCK TABLE deliveries IN ACCESS EXCLUSIVE MODE"))
+            started = time.monotonic()
+            with pytest.raises(OperationalError, match="lock timeout"):
+                warm_up(engine, 2)
+            assert time.monotonic() - started < 5
+            locker.rollback()
+        # The connection went back to the pool without the warm-up's lock timeout.
+        with db.autocommit(engine) as conn:
+            assert conn.scalar(text("SHOW lock_timeout")) == "0"
+    finally:
+        db.dispose(engine)
