@@ -10,8 +10,10 @@ only while pending: a replay on one socket must not keep it from the user's othe
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import redis
@@ -30,6 +32,7 @@ from tasks import retries
 log = logging.getLogger(__name__)
 
 TASK = "tasks.delivery.deliver_websocket"
+LANES = ("high", "default", "low")
 WEBSOCKET = Channel.WEBSOCKET.value
 
 
@@ -154,8 +157,8 @@ def deliver_websocket_batch(
     return WebsocketResult(sent=len(sent), offline=len(rows) - len(sent))
 
 
-@shared_task(name=TASK, ignore_result=True)
-def deliver_websocket(delivery_ids: list[int], attempt: int = 1) -> dict[str, int]:
+@shared_task(name=TASK, ignore_result=True, bind=True)
+def deliver_websocket(self: Any, delivery_ids: list[int], attempt: int = 1) -> dict[str, int]:
     cfg: Config = current_app.config["NOTIFIER"]
     client: redis.Redis = current_app.extensions["redis"]
     try:
@@ -163,18 +166,25 @@ def deliver_websocket(delivery_ids: list[int], attempt: int = 1) -> dict[str, in
             current_app.extensions["db.engine"], client, delivery_ids, cfg.PRESENCE_TTL_SECONDS
         )
     except (redis.RedisError, OperationalError) as exc:
-        _failed(cfg, delivery_ids, attempt, exc)
+        # The next try goes back to the lane this one came from: a high-priority retry
+        # must not wait behind the default lane's backlog.
+        lane = (self.request.delivery_info or {}).get("routing_key")
+        _failed(cfg, delivery_ids, attempt, exc, lane if lane in LANES else None)
         return {"sent": 0, "offline": 0}
     if attempt > 1:
         retries.done(client, TASK, [delivery_ids, attempt])
     return {"sent": result.sent, "offline": result.offline}
 
 
-def _failed(cfg: Config, delivery_ids: list[int], attempt: int, exc: Exception) -> None:
-    """Retry the batch with backoff; after the last try record dead letters.
+def _failed(
+    cfg: Config, delivery_ids: list[int], attempt: int, exc: Exception, lane: str | None = None
+) -> None:
+    """Retry the batch with backoff (on `lane`, when given); after the last try record dead
+    letters.
 
     The copies stay pending either way, so their users still get them on their next connect:
-    an in-app notification is never dropped, only its live push.
+    an in-app notification is never dropped, only its live push. A retry the sweeper has
+    to re-enqueue (its broker message was lost) goes by the task's route, the default lane.
     """
     client: redis.Redis = current_app.extensions["redis"]
     error = f"{type(exc).__name__}: {exc}"[:500]
@@ -184,7 +194,10 @@ def _failed(cfg: Config, delivery_ids: list[int], attempt: int, exc: Exception) 
             log.warning(
                 "websocket delivery try %d failed (%s); retry in %.1fs", attempt, error, delay
             )
-            retries.schedule(client, TASK, [delivery_ids, attempt + 1], delay)
+            retries.schedule(
+                client, TASK, [delivery_ids, attempt + 1], delay,
+                send=functools.partial(retries.celery_send, queue=lane),
+            )  # fmt: skip
             metrics.count_many(
                 client,
                 [

@@ -52,9 +52,11 @@ def member(task: str, args: list[Any]) -> str:
     return orjson.dumps({"task": task, "args": args}).decode()
 
 
-def celery_send(task: str, args: list[Any], countdown: float) -> None:
-    """Enqueue by name; the queue comes from celeryconfig.task_routes."""
-    current_app.extensions["celery"].send_task(task, args=args, countdown=countdown or None)
+def celery_send(task: str, args: list[Any], countdown: float, queue: str | None = None) -> None:
+    """Enqueue by name; the queue is `queue`, or else comes from celeryconfig.task_routes."""
+    current_app.extensions["celery"].send_task(
+        task, args=args, countdown=countdown or None, queue=queue
+    )
 
 
 def schedule(

@@ -11,6 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from app import db, inbox, presence
+from tasks import delivery, retries
 from tasks.delivery import deliver_websocket_batch, warm_up
 from tasks.stream import process_entries
 
@@ -242,3 +243,47 @@ def test_warm_up_gives_up_at_once_while_the_deliveries_table_is_locked(database_
             assert conn.scalar(text("SHOW lock_timeout")) == "0"
     finally:
         db.dispose(engine)
+
+
+def _fail_to_deliver(monkeypatch) -> None:
+    def unreachable(*_args, **_kwargs):
+        raise OperationalError("SELECT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(delivery, "deliver_websocket_batch", unreachable)
+
+
+def test_a_failed_websocket_try_is_retried_on_its_own_lane_with_backoff(
+    app, client, auth, pg, rdb, monkeypatch
+):
+    ids = _record(client, auth, pg, rdb, user_id="a", priority="high")
+    _fail_to_deliver(monkeypatch)
+
+    with app.app_context():
+        delivery.deliver_websocket.apply(args=[ids], routing_key="high")
+
+    [(member, due)] = rdb.zrange(retries.RETRY_ZSET, 0, -1, withscores=True)
+    assert orjson.loads(member) == {"task": delivery.TASK, "args": [ids, 2]}
+    assert due > time.time()  # a countdown, not at once
+    [message] = rdb.lrange("high", 0, -1)
+    headers = orjson.loads(message)["headers"]
+    assert (headers["task"], headers["eta"] is not None) == (delivery.TASK, True)
+    assert rdb.llen("default") == 0
+
+
+def test_the_last_failed_websocket_try_is_dead_lettered_and_stays_in_the_offline_queue(
+    app, client, auth, pg, rdb, monkeypatch
+):
+    [delivery_id] = _record(client, auth, pg, rdb, user_id="a")
+    _fail_to_deliver(monkeypatch)
+    last = app.config["NOTIFIER"].RETRY_MAX_ATTEMPTS
+
+    with app.app_context():
+        delivery.deliver_websocket.apply(args=[[delivery_id], last], routing_key="default")
+
+    with pg.connect() as conn:
+        dead = conn.execute(text("SELECT source, delivery_id, attempts FROM dead_letters")).all()
+    assert [tuple(d) for d in dead] == [("websocket", delivery_id, last)]
+    assert _statuses(pg) == {"a": "pending"}
+    offline = client.get("/notifications/offline/a", headers=auth).json["notifications"]
+    assert len(offline) == 1
+    assert rdb.zcard(retries.RETRY_ZSET) == 0
