@@ -55,10 +55,10 @@ class UserIdList(fields.List):
 
 def _all_user_ids(values: list[Any]) -> bool:
     """True when every value is a str that USER_ID and Text would accept unchanged."""
-    return (
-        all(type(v) is str for v in values)
-        and all(USER_ID.min <= len(v) <= USER_ID.max for v in values)  # type: ignore[operator]
-        and not any("\x00" in v for v in values)
+    shortest, longest = USER_ID.min, USER_ID.max
+    return all(
+        type(v) is str and shortest <= len(v) <= longest and "\x00" not in v  # type: ignore[operator]
+        for v in values
     )
 
 

@@ -33,9 +33,8 @@ def init_app(app: Flask) -> Celery:
         # The platform's workers run their tasks in this process (threads and solo pools).
         from tasks import delivery
 
-        engine = app.extensions["db.engine"]
         try:
-            delivery.warm_up(engine, max(1, engine.pool.size() // 2))
+            delivery.warm_up(app.extensions["db.engine"])
         except Exception:
             log.warning("could not warm up the database connections", exc_info=True)
         heap.freeze_startup_objects()

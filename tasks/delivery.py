@@ -28,11 +28,11 @@ from app import db, inbox, metrics, presence
 from app.config import Config
 from models import Channel, DeadLetter, Delivery, DeliveryStatus, Notification
 from tasks import retries
+from tasks.stream import LANES
 
 log = logging.getLogger(__name__)
 
 TASK = "tasks.delivery.deliver_websocket"
-LANES = ("high", "default", "low")
 WEBSOCKET = Channel.WEBSOCKET.value
 
 
@@ -81,8 +81,9 @@ _COUNTERS = (
 PRESENCE_FIRST_OVER = 8
 
 
-def warm_up(engine: Engine, connections: int) -> None:
-    """Open `connections` of the autocommit pool and run the task's read once on each.
+def warm_up(engine: Engine, connections: int | None = None) -> None:
+    """Open `connections` of the autocommit pool (as many as it keeps, by default) and run
+    the task's read once on each.
 
     On a fresh worker the first tasks paid for connecting (7-9 ms), compiling the read and
     the server's first look at the tables (9-21 ms). A user's first notification, alone in
@@ -90,8 +91,10 @@ def warm_up(engine: Engine, connections: int) -> None:
     second task on a thread that started as cold (docs/BENCHMARKS.md).
     """
     with contextlib.ExitStack() as held:
-        for _ in range(connections):
-            conn = held.enter_context(db.autocommit(engine))
+        first = held.enter_context(db.autocommit(engine))
+        wanted = connections or first.engine.pool.size()  # type: ignore[attr-defined]
+        conns = [first, *(held.enter_context(db.autocommit(engine)) for _ in range(wanted - 1))]
+        for conn in conns:
             # A worker must start even while the table is locked (a migration, say): the
             # warm-up then gives up rather than wait, and the first tasks pay as before.
             conn.exec_driver_sql("SET lock_timeout = '200ms'")

@@ -87,7 +87,9 @@ RECORD_CHUNK = 1000
 # Connections a big fan-out's chunks are written on at once: PostgreSQL inserts each
 # chunk in one backend, and two keep both cores busy while the first tasks run.
 CHUNK_WRITERS = 2
-RANK = {lane: i for i, lane in enumerate(("high", "default", "low"))}
+# The Celery queues of the priority lanes, in the order workers take them.
+LANES = ("high", "default", "low")
+RANK = {lane: i for i, lane in enumerate(LANES)}
 WEBSOCKET = Channel.WEBSOCKET.value
 EXTERNAL = (Channel.WEBHOOK.value, Channel.EMAIL.value)
 CHANNELS = {WEBSOCKET, *EXTERNAL}
