@@ -31,11 +31,10 @@ db: venv services ## Create the database if missing and apply migrations
 	$(BIN)/flask --app wsgi db upgrade
 
 .PHONY: run
-run: db ## Run the whole platform in the foreground on $(PORT) (Ctrl-C stops it)
-	@mkdir -p var
+run: db ## Run the platform on $(PORT) under supervisord, restarting what dies (Ctrl-C stops it)
 	@# 10,000 sockets per gateway process need as many file descriptors.
 	ulimit -n 65536 2>/dev/null || ulimit -n "$$(ulimit -Hn)"; \
-	PATH=$(CURDIR)/$(BIN):$$PATH exec $(BIN)/honcho start -f Procfile -p $(PORT)
+	exec $(BIN)/python scripts/supervise.py
 
 .PHONY: test
 test: venv services ## Run the test suite against real Redis, PostgreSQL and processes

@@ -37,5 +37,6 @@ task_routes = {
     "tasks.delivery.*": {"queue": "default"},
     "tasks.channels.*": {"queue": "channels"},
     "tasks.retries.*": {"queue": "high"},
+    "tasks.reconcile.*": {"queue": "high"},
     "tasks.escalation.*": {"queue": "high"},
 }

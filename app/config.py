@@ -56,12 +56,27 @@ class Config:
     )
 
     INGEST_BATCH_MAX: int = setting(500, "Most notifications committed in one ingest transaction.")
-    OUTBOX_GRACE_SECONDS: float = setting(
-        15.0, "Age after which a recorded but unstreamed notification is streamed by the sweeper."
-    )
     OUTBOX_SWEEP_SECONDS: float = setting(
-        5.0, "Beat interval of the unstreamed-notification sweeper."
+        5.0, "Beat interval of the scheduler, which streams notifications whose send_at came."
     )
+    RECONCILE_SECONDS: float = setting(
+        5.0, "Beat interval of the reconciler, which repairs what Redis or a worker lost."
+    )
+    RECONCILE_GRACE_SECONDS: float = setting(
+        15.0,
+        "How much older than the stream's oldest waiting entry a notification must be before "
+        "the reconciler streams it again for want of deliveries (covers clock skew between "
+        "hosts and the time from commit to XADD).",
+    )
+    RECONCILE_PUSH_AFTER_SECONDS: float = setting(
+        10.0,
+        "Age at which a websocket delivery still pending for a connected user is pushed again "
+        "(its task was lost with a worker or the broker).",
+    )
+    RECONCILE_LOOKBACK_SECONDS: float = setting(
+        3600.0, "How far back the reconciler's very first run looks for lost notifications."
+    )
+    RECONCILE_BATCH: int = setting(5000, "Rows one reconciler query reads at most.")
 
     STREAM_CONSUMERS: str = setting(
         "consumer-1", "Comma-separated consumer names the watchdog keeps running."
@@ -115,6 +130,11 @@ class Config:
     RETRY_SWEEP_SECONDS: float = setting(5.0, "Beat interval of the retry sweeper.")
     RETRY_SWEEP_GRACE_SECONDS: float = setting(
         15.0, "How overdue a mirrored retry must be before the sweeper enqueues it again."
+    )
+    WORKER_HEARTBEAT_SECONDS: float = setting(
+        5.0,
+        "How often a worker process says it is alive; the retry sweeper takes the tries it "
+        "held as lost three intervals after its last heartbeat.",
     )
     ATTEMPT_LEASE_SECONDS: float = setting(
         60.0, "An attempt unfinished this long after it started is taken as lost with its worker."

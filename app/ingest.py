@@ -4,8 +4,9 @@ Each request hands its validated notification to the process's IngestWriter and 
 One writer thread (a greenlet under gevent) takes everything that queued up while the
 previous batch was being written, inserts it in one transaction, commits, appends every
 entry to the Redis Stream in one pipeline, and only then wakes the requests: a 202 is
-never sent for a row that is not committed. A failed XADD leaves `streamed_at` NULL and
-the outbox sweeper (tasks/outbox.py) streams the row later.
+never sent for a row that is not committed. Nothing is written back after the XADD: a
+row whose entry never reached Redis, or was lost there, is found and streamed again by
+the reconciler (tasks/reconcile.py), which compares PostgreSQL with the stream.
 
 Batching is what makes the throughput: one commit per notification tops out near
 2,500/s on the target machine, while a few hundred rows per commit cost about the same.
@@ -17,14 +18,13 @@ import logging
 import os
 import queue
 import threading
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
 import redis
-from sqlalchemy import Engine, insert, select, text, tuple_, update
+from sqlalchemy import Engine, insert, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from app import db, metrics
@@ -34,7 +34,6 @@ from models.base import utcnow
 
 log = logging.getLogger(__name__)
 
-MARK_IDLE_SECONDS = 0.05
 _STOP = object()
 
 
@@ -86,9 +85,6 @@ class IngestWriter:
         self._batch_max = batch_max
         self._idempotency_ttl = idempotency_ttl
         self._queue: queue.Queue[_Pending] = queue.Queue()
-        # Ids streamed but not yet marked: marked by the next batch's transaction, or on
-        # their own once the writer has been idle for MARK_IDLE_SECONDS.
-        self._unmarked: list[uuid.UUID] = []
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._start_lock = threading.Lock()
@@ -118,7 +114,7 @@ class IngestWriter:
         return pending.outcome
 
     def close(self) -> None:
-        """Flush pending marks and stop the writer (tests and orderly shutdowns)."""
+        """Stop the writer (tests and orderly shutdowns)."""
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(_STOP)  # type: ignore[arg-type]
             self._thread.join(timeout=5)
@@ -136,14 +132,8 @@ class IngestWriter:
 
     def _run(self) -> None:
         while True:
-            try:
-                batch = [self._queue.get(timeout=MARK_IDLE_SECONDS if self._unmarked else None)]
-            except queue.Empty:
-                self._mark_streamed()
-                continue
+            batch = [self._queue.get()]
             if batch[0] is _STOP:
-                if self._unmarked:
-                    self._mark_streamed()
                 return
             # Counted in rows; one request's rows are never split across transactions.
             size = len(batch[0].rows)
@@ -178,36 +168,27 @@ class IngestWriter:
                 except Exception as exc:
                     log.exception("ingest of %s failed", pending.rows[0]["id"])
                     pending.error = exc
-        self._unmarked.extend(self._stream(fresh))
+        self._stream(fresh)
         for pending in batch:
             pending.done.set()
 
     def _commit(self, batch: list[_Pending]) -> list[_Pending]:
         """Insert the batch in one transaction; returns the rows that were new."""
         now = utcnow()
-        marking, self._unmarked = self._unmarked, []
-        try:
-            if any(p.idem for p in batch):
-                with self._engine.begin() as conn:
-                    if marking:
-                        self._mark(conn, marking)
-                    fresh = self._insert(conn, batch, now)
-            else:
-                self._insert_and_mark(batch, marking, now)
-                fresh = batch
-        except Exception:
-            self._unmarked.extend(marking)
-            raise
+        if any(p.idem for p in batch):
+            with self._engine.begin() as conn:
+                fresh = self._insert(conn, batch, now)
+        else:
+            self._insert_all(batch, now)
+            fresh = batch
         for pending in fresh:
             for row in pending.rows:
                 row["created_at"] = now
             pending.outcome = Outcome("accepted", pending.response)
         return fresh
 
-    def _insert_and_mark(
-        self, batch: list[_Pending], marking: list[uuid.UUID], now: datetime
-    ) -> None:
-        """Insert the batch and mark the previous one streamed in one statement.
+    def _insert_all(self, batch: list[_Pending], now: datetime) -> None:
+        """Insert the batch in one statement.
 
         One statement is atomic on its own: no BEGIN and COMMIT round trips, and one JSON
         parameter instead of a bind parameter per column and row. Under gevent every round
@@ -219,11 +200,9 @@ class IngestWriter:
         rows = orjson.dumps([{**r, "created_at": now} for p in batch for r in p.rows]).decode()
         with db.autocommit(self._engine) as conn:
             conn.exec_driver_sql(
-                "WITH marked AS (UPDATE notifications SET streamed_at = now() "
-                "WHERE id = ANY(CAST(%(marking)s AS uuid[]))) "
                 f"INSERT INTO notifications ({columns}) SELECT {columns} "
                 "FROM json_populate_recordset(NULL::notifications, %(rows)s)",
-                {"marking": [str(i) for i in marking], "rows": rows},
+                {"rows": rows},
             )
 
     def _insert(self, conn: Any, batch: list[_Pending], now: datetime) -> list[_Pending]:
@@ -299,20 +278,20 @@ class IngestWriter:
             else:
                 pending.outcome = Outcome("conflict", stored[1])
 
-    def _stream(self, fresh: list[_Pending]) -> list[uuid.UUID]:
-        """XADD every fresh row in one pipeline; returns the ids that made it.
+    def _stream(self, fresh: list[_Pending]) -> None:
+        """XADD every fresh row in one pipeline.
 
-        A row whose `send_at` is still ahead stays unstreamed: the outbox sweeper streams
-        it when it is due, so a scheduled notification lives in PostgreSQL until then.
+        A row scheduled for later (a `send_at` and no `streamed_at` yet) is left to the
+        scheduler (tasks/outbox.py), which streams it when it is due. A failed XADD is only
+        logged: the reconciler streams the row again once it finds no deliveries for it.
         """
-        now = utcnow()
         rows = [r for p in fresh for r in p.rows]
         accepted = len(rows)
-        rows = [r for r in rows if not (r.get("send_at") and r["send_at"] > now)]
+        rows = [r for r in rows if not (r.get("send_at") and r.get("streamed_at") is None)]
         if not rows:
             if accepted:
                 metrics.count(self._redis, "notifications_accepted", n=accepted)
-            return []
+            return
         try:
             pipe = self._redis.pipeline(transaction=False)
             for row in rows:
@@ -320,14 +299,11 @@ class IngestWriter:
             metrics.count(pipe, "notifications_accepted", n=accepted)
             results = pipe.execute(raise_on_error=False)[: len(rows)]
         except redis.RedisError:
-            log.warning("XADD of %d notifications failed; the outbox sweeper will retry", len(rows))
-            return []
-        streamed = []
+            log.warning("XADD of %d notifications failed; the reconciler will retry", len(rows))
+            return
         for row, result in zip(rows, results, strict=True):
             if isinstance(result, Exception):
                 log.warning("XADD of %s failed: %s", row["id"], result)
-            else:
-                streamed.append(row["id"])
         if log.isEnabledFor(logging.DEBUG):
             for row in rows:
                 log.debug(
@@ -337,23 +313,3 @@ class IngestWriter:
                         "recipients": len(row.get("recipients") or ()),
                     },
                 )
-        return streamed
-
-    @staticmethod
-    def _mark(conn: Any, ids: list[uuid.UUID]) -> None:
-        conn.execute(
-            update(Notification).where(Notification.id.in_(ids)).values(streamed_at=utcnow())
-        )
-
-    def _mark_streamed(self) -> None:
-        """Mark streamed rows on their own (the writer is idle, nothing to piggyback on)."""
-        ids, self._unmarked = self._unmarked, []
-        try:
-            with self._engine.begin() as conn:
-                # A lost mark only means the sweeper streams the row again, which the
-                # consumer ignores: no need to wait for the WAL flush.
-                conn.execute(text("SET LOCAL synchronous_commit = off"))
-                self._mark(conn, ids)
-        except Exception:
-            log.exception("could not mark %d notifications streamed; will retry", len(ids))
-            self._unmarked.extend(ids)

@@ -44,7 +44,13 @@ COUNTERS: dict[str, tuple[tuple[str, ...], str]] = {
         "webhook and email: sent, retry, lost, failed, skipped).",
     ),
     "retries_scheduled": (("channel",), "Retries scheduled after a failed try."),
-    "retries_swept": ((), "Overdue tries the retry sweeper re-enqueued from the ZSET."),
+    "retries_swept": ((), "Lost tries the retry sweeper re-enqueued from the ZSET."),
+    "reconciled": (
+        ("action",),
+        "What the reconciler repaired from PostgreSQL: restreamed (notifications whose stream "
+        "entry was lost), repushed (websocket deliveries whose task was lost), remirrored "
+        "(webhook and email tries whose retry ZSET member was lost).",
+    ),
     "circuits_opened": ((), "Times a failing webhook URL's circuit opened."),
     "dead_letters": (("source",), "Rows written to the dead-letter table, by source."),
 }

@@ -10,21 +10,28 @@ import orjson
 import redis
 
 
-def entry_fields(notification: dict[str, Any]) -> dict[str, str]:
-    """The stream entry for a notification row: its id, priority and the full payload."""
+def entry_fields(notification: dict[str, Any], restreamed: bool = False) -> dict[str, str]:
+    """The stream entry for a notification row: its id, priority and the full payload.
+
+    `restreamed` marks an entry the reconciler streams again after the first was lost: the
+    consumer then enqueues the notification's pending deliveries again too.
+    """
     payload = {
         key: (value.isoformat() if hasattr(value, "isoformat") else value)
         for key, value in notification.items()
         if key not in {"streamed_at", "status"}
     }
     payload["id"] = str(notification["id"])
-    return {
+    fields = {
         "id": payload["id"],
         "priority": str(notification["priority"]),
         # Lets the consumer size its work (and put high priority first) before decoding.
         "recipients": str(len(notification.get("recipients") or ())),
         "payload": orjson.dumps(payload).decode(),
     }
+    if restreamed:
+        fields["restreamed"] = "1"
+    return fields
 
 
 def decode_entry(fields: dict[str, str]) -> dict[str, Any]:

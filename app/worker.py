@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import beat_init, setup_logging, worker_process_init, worker_ready
+from celery.signals import (
+    beat_init,
+    setup_logging,
+    task_received,
+    worker_process_init,
+    worker_ready,
+)
 from flask import Flask
 
-from app import broker, heap, logs
+from app import broker, heap, logs, routing
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,40 @@ def init_app(app: Flask) -> Celery:
         heap.freeze_startup_objects()
 
     worker_ready.connect(_worker_ready, weak=False, dispatch_uid="notifier-worker-ready")
+
+    def _heartbeat() -> None:
+        # The retry sweeper takes the tries this process holds as lost once the key lapses.
+        client = app.extensions["redis"]
+        key = routing.WORKER_PREFIX + routing.WORKER_ID
+        while True:
+            try:
+                client.set(key, "1", px=int(cfg.WORKER_HEARTBEAT_SECONDS * 3000))
+            except Exception:
+                log.warning("worker heartbeat failed", exc_info=True)
+            time.sleep(cfg.WORKER_HEARTBEAT_SECONDS)
+
+    def _start_heartbeat(**_: Any) -> None:
+        threading.Thread(target=_heartbeat, name="worker-heartbeat", daemon=True).start()
+
+    worker_ready.connect(_start_heartbeat, weak=False, dispatch_uid="notifier-worker-heartbeat")
+
+    def _received(request: Any = None, **_: Any) -> None:
+        # A try this worker took (maybe to hold until its countdown ends) is not lost while
+        # this process lives: the sweeper must not send it again.
+        if request is None or not routing.is_mirrored(request.name, list(request.args or ())):
+            return
+        try:
+            app.extensions["redis"].hset(
+                routing.RETRY_HELD,
+                routing.retry_member(request.name, list(request.args)),
+                routing.WORKER_ID,
+            )
+        except Exception:
+            # Left "queued": the sweeper leaves it alone unless Redis lost it, which the
+            # reconciler repairs.
+            log.warning("could not record that this worker holds a try", exc_info=True)
+
+    task_received.connect(_received, weak=False, dispatch_uid="notifier-retry-held")
     # A prefork child or beat: set up, so its set-up objects are frozen.
     for signal in (worker_process_init, beat_init):
         signal.connect(_freeze, weak=False, dispatch_uid=f"notifier-freeze-{signal.name}")
@@ -49,9 +91,13 @@ def init_app(app: Flask) -> Celery:
     celery_app.config_from_object("celeryconfig")
     celery_app.conf.broker_url = cfg.broker_url
     celery_app.conf.beat_schedule = {
-        "stream-unstreamed-notifications": {
-            "task": "tasks.outbox.sweep_unstreamed",
+        "stream-scheduled-notifications": {
+            "task": "tasks.outbox.stream_scheduled",
             "schedule": cfg.OUTBOX_SWEEP_SECONDS,
+        },
+        "reconcile-with-postgres": {
+            "task": "tasks.reconcile.reconcile",
+            "schedule": cfg.RECONCILE_SECONDS,
         },
         "stream-consumer-watchdog": {
             "task": "tasks.stream.watchdog",
@@ -81,6 +127,7 @@ def init_app(app: Flask) -> Celery:
         "tasks.channels",
         "tasks.retries",
         "tasks.escalation",
+        "tasks.reconcile",
     )
     celery_app.set_default()
     app.extensions["celery"] = celery_app

@@ -7,6 +7,7 @@ from models.delivery import Delivery, DeliveryStatus
 from models.delivery_attempt import AttemptOutcome, DeliveryAttempt
 from models.idempotency import IdempotencyKey
 from models.notification import Channel, Notification, NotificationStatus, Priority
+from models.reconciler_mark import ReconcilerMark
 from models.template import Template
 from models.user import User
 
@@ -23,6 +24,7 @@ __all__ = [
     "Notification",
     "NotificationStatus",
     "Priority",
+    "ReconcilerMark",
     "Template",
     "User",
 ]

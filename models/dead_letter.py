@@ -22,7 +22,8 @@ class DeadLetter(Base):
     )
     # "stream" for an entry the consumer could not process; a channel name for a delivery.
     source: Mapped[str] = mapped_column(String(20))
-    notification_id: Mapped[uuid.UUID | None]
+    # Indexed: the reconciler leaves a notification whose stream entry was dead-lettered.
+    notification_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
     delivery_id: Mapped[int | None] = mapped_column(BigInteger)
     user_id: Mapped[str | None] = mapped_column(String(255))
     stream_entry_id: Mapped[str | None] = mapped_column(String(40))

@@ -62,6 +62,13 @@ class Delivery(Base):
             "id",
             postgresql_where=text("acked_at IS NULL AND channel = 'websocket'"),
         ),
+        # Webhook and email deliveries still in flight: the reconciler checks each has a try
+        # on its way.
+        Index(
+            "ix_deliveries_external_inflight",
+            "id",
+            postgresql_where=text("status = 'pending' AND channel <> 'websocket'"),
+        ),
         Index(
             "ix_deliveries_escalate_at",
             "escalate_at",

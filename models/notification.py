@@ -64,8 +64,8 @@ class Notification(Base):
     channels: Mapped[list[str]] = mapped_column(ARRAY(String(20)))
     send_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
-    # Set once the notification is in the Redis Stream; NULL rows older than a grace
-    # period are what the outbox sweeper re-streams.
+    # When the scheduler (a due `send_at`) or the reconciler (a lost stream entry) last
+    # streamed the row; NULL when only ingest did, or while it waits for its send_at.
     streamed_at: Mapped[datetime | None]
     api_key_name: Mapped[str | None] = mapped_column(String(100))
     # Overrides the recipients' own webhook_url for this notification.
@@ -73,9 +73,17 @@ class Notification(Base):
     fallback_after_seconds: Mapped[int | None]
 
     __table_args__ = (
+        # What the scheduler reads: notifications waiting for their send_at.
         Index(
-            "ix_notifications_unstreamed",
-            "created_at",
-            postgresql_where=text("streamed_at IS NULL"),
+            "ix_notifications_scheduled",
+            "send_at",
+            postgresql_where=text("streamed_at IS NULL AND send_at IS NOT NULL"),
+        ),
+        # What the reconciler reads besides the id range of new notifications: the few
+        # streamed again later, by their time.
+        Index(
+            "ix_notifications_restreamed",
+            "streamed_at",
+            postgresql_where=text("streamed_at IS NOT NULL"),
         ),
     )

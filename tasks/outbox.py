@@ -1,13 +1,10 @@
-"""The outbox sweeper: streams notifications that were committed but never reached Redis.
+"""The scheduler: streams notifications whose `send_at` has come, and purges old idempotency keys.
 
-Ingest commits before it XADDs; if the XADD fails or the process dies in between, the
-row keeps `streamed_at IS NULL`. This beat task finds such rows once they are older than
-a grace period (so it does not race the writer that is still streaming them) and streams
-them. A rare duplicate entry is harmless: deliveries are unique per notification and user.
-
-It is also the scheduler: ingest leaves a notification whose `send_at` is ahead unstreamed,
-and this sweep streams it once it is due. Scheduled notifications live in PostgreSQL until
-then, so they survive restarts of every process.
+Ingest records a notification whose `send_at` is ahead but does not stream it. This beat
+task finds such rows once they are due (`streamed_at IS NULL`, by a partial index that
+holds only the waiting ones), streams them and marks them streamed. Scheduled
+notifications live in PostgreSQL until then, so they survive restarts of every process;
+a stream entry lost after that is found by the reconciler (tasks/reconcile.py).
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ from datetime import timedelta
 import redis
 from celery import shared_task
 from flask import current_app
-from sqlalchemy import Engine, delete, func, or_, select, update
+from sqlalchemy import Engine, delete, func, select, update
 
 from app.stream import entry_fields
 from models import IdempotencyKey, Notification
@@ -29,23 +26,19 @@ log = logging.getLogger(__name__)
 SWEEP_BATCH = 1000
 
 
-def stream_unstreamed(
-    engine: Engine, client: redis.Redis, stream_key: str, grace_seconds: float, limit: int
-) -> int:
-    """Stream up to `limit` recorded-but-unstreamed notifications; returns how many."""
-    cutoff = utcnow() - timedelta(seconds=grace_seconds)
+def stream_due(engine: Engine, client: redis.Redis, stream_key: str, limit: int) -> int:
+    """Stream up to `limit` scheduled notifications that are due; returns how many."""
     with engine.begin() as conn:
-        # SKIP LOCKED lets two sweepers (say, two beat instances by mistake) split the work.
+        # SKIP LOCKED lets two schedulers (say, two beat instances by mistake) split the work.
         rows = (
             conn.execute(
                 select(Notification.__table__)
                 .where(
                     Notification.streamed_at.is_(None),
-                    Notification.created_at < cutoff,
-                    # Scheduled notifications wait here until their send_at.
-                    or_(Notification.send_at.is_(None), Notification.send_at <= func.now()),
+                    Notification.send_at.is_not(None),
+                    Notification.send_at <= func.now(),
                 )
-                .order_by(Notification.created_at)
+                .order_by(Notification.send_at)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
             )
@@ -63,7 +56,7 @@ def stream_unstreamed(
             .where(Notification.id.in_([r["id"] for r in rows]))
             .values(streamed_at=utcnow())
         )
-    log.info("outbox sweeper streamed %d notifications", len(rows))
+    log.info("scheduler streamed %d due notifications", len(rows))
     return len(rows)
 
 
@@ -78,16 +71,15 @@ def purge_expired_idempotency_keys(engine: Engine, ttl_seconds: int) -> int:
     return result.rowcount
 
 
-@shared_task(name="tasks.outbox.sweep_unstreamed", ignore_result=True)
-def sweep_unstreamed() -> int:
+@shared_task(name="tasks.outbox.stream_scheduled", ignore_result=True)
+def stream_scheduled() -> int:
     cfg = current_app.config["NOTIFIER"]
     total = 0
     while True:
-        n = stream_unstreamed(
+        n = stream_due(
             current_app.extensions["db.engine"],
             current_app.extensions["redis"],
             cfg.STREAM_KEY,
-            cfg.OUTBOX_GRACE_SECONDS,
             SWEEP_BATCH,
         )
         total += n

@@ -2,10 +2,19 @@
 
 A try that must happen later is scheduled twice: as a Celery task with a countdown, and as
 a member of the ZSET `notifications:retries` (member = task name and arguments, score = due
-time). The task removes its member once it has run. The sweeper, on beat, re-enqueues every
-member overdue by RETRY_SWEEP_GRACE_SECONDS: that is how a try survives a broker message
-lost with a SIGKILLed worker. A copy that runs twice is harmless: each try is claimed by a
-unique (delivery, channel, attempt) row before anything is sent.
+time). The task removes its member once it has run.
+
+Who holds each try's broker message is kept beside it, in the hash
+`notifications:retries:held` (app/routing.py): "queued" once it is published, then the id
+of the worker process that received it (a worker holds a countdown task in memory until
+it is due, and takes a try from a backed-up queue only when a thread is free). Each
+worker process keeps a heartbeat key alive while it runs. The sweeper, on beat, looks at
+every member overdue by RETRY_SWEEP_GRACE_SECONDS and enqueues it again only when nobody
+holds it (the reconciler put the member back after Redis lost it, or a crash came between
+mirror and publish) or its holder's heartbeat has lapsed (a SIGKILLed worker). A try that
+is only waiting, in a queue or in a live worker, is left alone: re-enqueueing it would
+feed the very backlog that made it late. A copy that runs twice is still harmless: each try is
+claimed by a unique (delivery, channel, attempt) row before anything is sent.
 """
 
 from __future__ import annotations
@@ -23,10 +32,10 @@ from flask import current_app
 
 from app import metrics
 from app.config import Config
+from app.routing import QUEUED, RETRY_HELD, RETRY_ZSET, WORKER_PREFIX, retry_member
 
 log = logging.getLogger(__name__)
 
-RETRY_ZSET = "notifications:retries"
 SWEEP_BATCH = 1000
 
 # (task name, args, countdown seconds): puts one task on the broker.
@@ -48,8 +57,7 @@ def retry_delay(cfg: Config, attempt: int, retry_after: float | None = None) -> 
     return min(delay, cfg.RETRY_MAX_DELAY_SECONDS)
 
 
-def member(task: str, args: list[Any]) -> str:
-    return orjson.dumps({"task": task, "args": args}).decode()
+member = retry_member
 
 
 def celery_send(task: str, args: list[Any], countdown: float, queue: str | None = None) -> None:
@@ -74,34 +82,64 @@ def schedule(
     the broker would hand a countdown task out twice) is left to the sweeper alone: its
     member is scored `grace` early, so the sweeper enqueues it when it is due.
     """
+    key = member(task, args)
     if max_countdown is not None and delay > max_countdown:
-        client.zadd(RETRY_ZSET, {member(task, args): time.time() + delay - grace})
+        pipe = client.pipeline(transaction=False)
+        pipe.zadd(RETRY_ZSET, {key: time.time() + delay - grace})
+        pipe.hdel(RETRY_HELD, key)  # nobody holds it: the sweeper sends it when due
+        pipe.execute()
         return
     # Mirror first: a crash between the two leaves a member the sweeper acts on.
-    client.zadd(RETRY_ZSET, {member(task, args): time.time() + delay})
+    pipe = client.pipeline(transaction=False)
+    pipe.zadd(RETRY_ZSET, {key: time.time() + delay})
+    pipe.hset(RETRY_HELD, key, QUEUED)
+    pipe.execute()
     send(task, args, delay)
 
 
 def done(client: redis.Redis, task: str, args: list[Any]) -> None:
     """The try ran (or was found already run): drop its mirror."""
-    client.zrem(RETRY_ZSET, member(task, args))
+    key = member(task, args)
+    pipe = client.pipeline(transaction=False)
+    pipe.zrem(RETRY_ZSET, key)
+    pipe.hdel(RETRY_HELD, key)
+    pipe.execute()
 
 
 def sweep(client: redis.Redis, grace: float, rearm: float, send: Send = celery_send) -> int:
-    """Re-enqueue every mirrored try overdue by `grace`; returns how many."""
+    """Re-enqueue every mirrored try overdue by `grace` that nobody holds; returns how many."""
     now = time.time()
-    overdue = client.zrangebyscore(RETRY_ZSET, "-inf", now - grace, start=0, num=SWEEP_BATCH)
-    for raw in overdue:
-        # Push its due time past the next sweeps first (XX: unless it finished meanwhile), so
-        # one lost message is re-enqueued once per `rearm`, not on every sweep.
-        if not client.zadd(RETRY_ZSET, {raw: now + rearm}, xx=True, ch=True):
-            continue
-        spec = orjson.loads(raw)
-        send(spec["task"], spec["args"], 0)
-    if overdue:
-        log.warning("retry sweeper re-enqueued %d overdue tries", len(overdue))
-        metrics.count(client, "retries_swept", n=len(overdue))
-    return len(overdue)
+    enqueued = 0
+    start = 0
+    while True:
+        overdue = client.zrangebyscore(
+            RETRY_ZSET, "-inf", now - grace, start=start, num=SWEEP_BATCH
+        )
+        if not overdue:
+            break
+        holders = client.hmget(RETRY_HELD, overdue)
+        workers = sorted({h for h in holders if h and h != QUEUED})
+        alive = dict(
+            zip(workers, client.mget([WORKER_PREFIX + w for w in workers]), strict=True)
+        ) if workers else {}  # fmt: skip
+        for raw, holder in zip(overdue, holders, strict=True):
+            if holder == QUEUED or (holder and alive.get(holder)):
+                start += 1  # waiting in a queue or in a live worker: it will run
+                continue
+            # Push its due time past the next sweeps first (XX: unless it finished
+            # meanwhile), so a lost try is re-enqueued once per `rearm`, not every sweep.
+            if not client.zadd(RETRY_ZSET, {raw: now + rearm}, xx=True, ch=True):
+                continue  # finished meanwhile: gone from the range
+            client.hset(RETRY_HELD, raw, QUEUED)
+            spec = orjson.loads(raw)
+            send(spec["task"], spec["args"], 0)
+            enqueued += 1
+        if len(overdue) < SWEEP_BATCH:
+            break
+    if enqueued:
+        log.warning("retry sweeper re-enqueued %d lost tries", enqueued)
+        metrics.count(client, "retries_swept", n=enqueued)
+    return enqueued
 
 
 @shared_task(name="tasks.retries.sweep", ignore_result=True)

@@ -280,7 +280,14 @@ def process_entries(
     # The last chunk shares a transaction with the replay, expiries and dead letters, when
     # there are any; every other chunk is only its insert, one statement that needs no
     # transaction (BEGIN and COMMIT would be two more round trips per chunk).
-    tail = chunks.pop() if (replay and rows) or expired_ids or dead else None
+    # Notifications whose pending deliveries are enqueued again: all of a replay's, and
+    # those of entries the reconciler streamed again (their first tasks may be lost too).
+    again = [
+        uuid.UUID(e.payload["id"])  # type: ignore[index]
+        for e in live
+        if replay or e.fields.get("restreamed")
+    ]
+    tail = chunks.pop() if (again and rows) or expired_ids or dead else None
     chunks = [c for c in chunks if c]
     fresh: set[int] = set()
     with _chunk_writers(len(chunks)) as writes:
@@ -293,12 +300,12 @@ def process_entries(
         with engine.begin() as conn:
             to_send = _pending_of(record_deliveries(conn, tail)) if tail else []
             fresh.update(delivery_id for delivery_id, _, _ in to_send)
-            if replay and rows:
+            if again and rows:
                 to_send.extend(
                     (row.id, str(row.notification_id), row.channel)
                     for row in conn.execute(
                         select(Delivery.id, Delivery.notification_id, Delivery.channel).where(
-                            Delivery.notification_id.in_([uuid.UUID(n) for n in priority_of]),
+                            Delivery.notification_id.in_(again),
                             Delivery.status == DeliveryStatus.PENDING,
                         )
                     )

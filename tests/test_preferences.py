@@ -13,7 +13,7 @@ from sqlalchemy import text
 from app.preferences import deferral, is_muted, overrides, quiet_until
 from tasks import retries
 from tasks.channels import TASK, Attempts
-from tasks.outbox import stream_unstreamed
+from tasks.outbox import stream_due
 from tasks.outcome import Outcome
 from tasks.stream import process_entries
 
@@ -301,10 +301,10 @@ def test_a_scheduled_notification_is_streamed_only_once_due(client, auth, pg, rd
                                             "send_at": due.isoformat()}, headers=auth)  # fmt: skip
     assert r.json["status"] == "scheduled"
     assert client.get(f"/notifications/{r.json['id']}", headers=auth).json["status"] == "scheduled"
-    assert stream_unstreamed(pg, rdb, "notifications:stream", 0, 100) == 0
+    assert stream_due(pg, rdb, "notifications:stream", 100) == 0
     assert not rdb.exists("notifications:stream")
 
     clock.sleep(1.2)
-    assert stream_unstreamed(pg, rdb, "notifications:stream", 0, 100) == 1
+    assert stream_due(pg, rdb, "notifications:stream", 100) == 1
     [(_, fields)] = rdb.xrange("notifications:stream")
     assert fields["id"] == r.json["id"]

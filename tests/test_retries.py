@@ -12,6 +12,7 @@ from email.utils import format_datetime
 import pytest
 from sqlalchemy import text
 
+from app.routing import RETRY_HELD, RETRY_ZSET, WORKER_PREFIX
 from tasks import circuit, retries
 from tasks.channels import TASK, Attempts
 from tasks.outcome import Outcome
@@ -52,14 +53,59 @@ class Sent:
         self.calls.append((task, args, countdown))
 
 
-def test_sweeper_reenqueues_only_overdue_tries_and_each_once_per_rearm(rdb):
+def _held_by(rdb, task: str, args: list, worker: str) -> None:
+    rdb.hset(RETRY_HELD, retries.member(task, args), worker)
+
+
+def test_sweeper_reenqueues_only_overdue_lost_tries_and_each_once_per_rearm(rdb):
     sent = Sent()
-    retries.schedule(rdb, "t", [1, 2], delay=-10, send=lambda *a: None)  # message lost
+    retries.schedule(rdb, "t", [1, 2], delay=-10, send=lambda *a: None)
+    _held_by(rdb, "t", [1, 2], "a-worker-that-died")  # its heartbeat key never existed
     retries.schedule(rdb, "t", [3, 2], delay=60, send=lambda *a: None)  # not due yet
 
     assert retries.sweep(rdb, grace=1, rearm=30, send=sent) == 1
     assert sent.calls == [("t", [1, 2], 0)]
     assert retries.sweep(rdb, grace=1, rearm=30, send=sent) == 0  # re-armed, not repeated
+
+
+def test_sweeper_leaves_an_overdue_try_that_is_only_waiting_in_a_queue(rdb):
+    sent = Sent()
+    retries.schedule(rdb, "t", [1, 2], delay=-10, send=lambda *a: None)
+
+    assert retries.sweep(rdb, grace=1, rearm=30, send=sent) == 0
+    assert sent.calls == []
+
+
+def test_sweeper_leaves_a_try_held_by_a_live_worker_and_takes_it_once_the_worker_is_gone(rdb):
+    sent = Sent()
+    retries.schedule(rdb, "t", [1, 2], delay=-10, send=lambda *a: None)
+    _held_by(rdb, "t", [1, 2], "w1")
+    rdb.set(WORKER_PREFIX + "w1", "1", px=60_000)
+
+    assert retries.sweep(rdb, grace=1, rearm=30, send=sent) == 0
+    rdb.delete(WORKER_PREFIX + "w1")  # its heartbeat lapsed
+    assert retries.sweep(rdb, grace=1, rearm=30, send=sent) == 1
+    assert sent.calls == [("t", [1, 2], 0)]
+
+
+def test_sweeper_sends_a_member_nobody_holds(rdb):
+    sent = Sent()
+    # What the reconciler leaves after Redis lost the broker's message with the mirror.
+    rdb.zadd(RETRY_ZSET, {retries.member("t", [5, 1]): 0})
+
+    assert retries.sweep(rdb, grace=1, rearm=30, send=sent) == 1
+    assert rdb.hget(RETRY_HELD, retries.member("t", [5, 1])) == "queued"
+
+
+def test_sweeper_reaches_lost_tries_behind_more_than_a_batch_of_waiting_ones(rdb, monkeypatch):
+    monkeypatch.setattr(retries, "SWEEP_BATCH", 10)
+    for i in range(25):
+        retries.schedule(rdb, "t", [i, 1], delay=-100 + i, send=lambda *a: None)
+    _held_by(rdb, "t", [24, 1], "gone")
+    sent = Sent()
+
+    assert retries.sweep(rdb, grace=1, rearm=30, send=sent) == 1
+    assert sent.calls == [("t", [24, 1], 0)]
 
 
 def test_a_finished_try_is_not_brought_back_by_a_concurrent_sweep(rdb):

@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import metrics
 from app.redis_client import make_redis
-from tasks.retries import RETRY_ZSET
+from app.routing import RETRY_ZSET
 
 bp = Blueprint("metrics", __name__)
 

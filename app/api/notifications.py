@@ -144,6 +144,9 @@ def _prepare(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         "category": data.get("category"),
         "channels": list(dict.fromkeys(data["channels"])),
         "send_at": data.get("send_at"),
+        # A send_at already past is streamed by ingest now; the scheduler must not stream
+        # it again. Rows without one need no mark (see models/notification.py).
+        "streamed_at": now if data.get("send_at") and not scheduled else None,
         "expires_at": data.get("expires_at"),
         "api_key_name": g.client,
         "webhook_url": data.get("webhook_url"),
@@ -280,7 +283,8 @@ def get_notification(notification_id: str) -> Response:
             "id": str(n.id),
             "status": _status(n, summary, recorded),
             "created_at": _iso(n.created_at),
-            "streamed": n.streamed_at is not None,
+            # Ingest streams every notification but those waiting for their send_at.
+            "streamed": n.send_at is None or n.streamed_at is not None,
             "recipients": len(n.recipients),
             "title": n.title,
             "body": n.body,
