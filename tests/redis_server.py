@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import redis
@@ -52,7 +53,8 @@ class RedisServer:
         self.proc.wait(timeout=10)
         self.proc = None
 
-    def restart_empty(self) -> None:
-        """Lose everything at once: SIGKILL, then start again on the same port."""
+    def restart_empty(self, down_seconds: float = 0.0) -> None:
+        """Lose everything at once: SIGKILL, stay away a while, start again on the same port."""
         self.kill()
+        time.sleep(down_seconds)
         self.start()

@@ -138,7 +138,8 @@ def test_entries_waiting_in_the_stream_survive_an_empty_redis_restart(plat, redi
     to_bob = [_send(port, user_id="bob") for _ in range(10)]
     offline = [_send(port, user_ids=["carol", "dave"]) for _ in range(10)]
 
-    redis_server.restart_empty()
+    # Away for a few seconds, not just restarted: every process sees its calls fail first.
+    redis_server.restart_empty(down_seconds=4)
     restarted = time.monotonic()
     _resume(consumer)
 
