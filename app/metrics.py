@@ -44,7 +44,11 @@ COUNTERS: dict[str, tuple[tuple[str, ...], str]] = {
         "webhook and email: sent, retry, lost, failed, skipped).",
     ),
     "retries_scheduled": (("channel",), "Retries scheduled after a failed try."),
-    "retries_swept": ((), "Lost tries the retry sweeper re-enqueued from the ZSET."),
+    "retries_swept": (
+        ("reason",),
+        "Tries the retry sweeper enqueued from the ZSET: due (left to it: long delays, open "
+        "circuits) or lost (nobody held them, or their worker died).",
+    ),
     "reconciled": (
         ("action",),
         "What the reconciler repaired from PostgreSQL: restreamed (notifications whose stream "

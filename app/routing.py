@@ -18,9 +18,12 @@ CHANNEL_TASK = "tasks.channels.deliver"
 # Every scheduled try: member = task name and arguments, score = when it is due.
 RETRY_ZSET = "notifications:retries"
 # Who holds a mirrored try's broker message: QUEUED once published, then the id of the
-# worker process that received it.
+# worker process that received it; LEFT_TO_SWEEPER when no message was published (a delay
+# too long for a countdown, a try held back by an open circuit). No entry: nobody knows
+# of the try (the reconciler put its member back after Redis lost it).
 RETRY_HELD = "notifications:retries:held"
 QUEUED = "queued"
+LEFT_TO_SWEEPER = "sweeper"
 # A worker process's heartbeat key: WORKER_PREFIX + its id, alive while the key is.
 WORKER_PREFIX = "notifications:worker:"
 # This process's id as a holder of tries: a restarted worker keeps its node name, so the

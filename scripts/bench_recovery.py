@@ -264,6 +264,7 @@ def _backend_ticks(pid: int) -> int:
 def cost_run(seconds: float, rate: int) -> dict[str, Any]:
     with Platform(RECONCILE_SECONDS="3600") as p:
         cfg = Config.from_env(p.env)
+        every = Config().RECONCILE_SECONDS  # the default interval, not the platform's hour
         engine = create_engine(p.db_url, pool_size=1, max_overflow=0)
         client = redis.Redis.from_url(p.env["REDIS_URL"], decode_responses=True)
         stop = threading.Event()
@@ -293,7 +294,7 @@ def cost_run(seconds: float, rate: int) -> dict[str, Any]:
         while time.monotonic() - started < seconds:
             reconcile.reconcile_all(engine, client, cfg)
             runs += 1
-            time.sleep(max(0.0, started + runs * cfg.RECONCILE_SECONDS - time.monotonic()))
+            time.sleep(max(0.0, started + runs * every - time.monotonic()))
         elapsed = time.monotonic() - started
         own = time.process_time() - own0
         pg = (_backend_ticks(backend) - pg0) / TICKS
@@ -309,6 +310,8 @@ def cost_run(seconds: float, rate: int) -> dict[str, Any]:
 
 
 def main() -> int:
+    # A SIGTERM (`timeout`, Ctrl-C's cousin) unwinds through Platform.__exit__: no orphans.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["recovery", "cost"])
     parser.add_argument("--runs", type=int, default=3)

@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import redis
@@ -106,6 +106,7 @@ _SCAN_EXTERNAL = text(
     "FROM delivery_attempts a WHERE a.delivery_id = d.id AND a.channel = d.channel "
     "ORDER BY a.attempt DESC LIMIT 1) a ON true "
     "WHERE d.status = 'pending' AND d.channel <> 'websocket' AND d.id > :after "
+    "AND (CAST(:ids AS bigint[]) IS NULL OR d.id = ANY(CAST(:ids AS bigint[]))) "
     "ORDER BY d.id LIMIT :limit"
 )
 
@@ -235,19 +236,18 @@ def _websocket_ids(raw: str) -> list[int] | None:
 def oldest_queued_delivery(broker: redis.Redis) -> int | None:
     """The lowest delivery id among the oldest websocket tasks waiting in the lanes.
 
-    0 when a lane has messages but none could be read (nothing can be ruled out), None
-    when the lanes are empty.
+    None when no websocket task waits; 0 when a lane's oldest QUEUE_PEEK messages are all
+    other tasks (or unreadable) and more wait behind them: nothing can be ruled out.
     """
     oldest: int | None = None
     for lane in LANES:
         # kombu pushes on the left and workers pop on the right: the right end is oldest.
         raws = broker.lrange(lane, -QUEUE_PEEK, -1)
-        if not raws:
-            continue
         found = [min(ids) for raw in raws if (ids := _websocket_ids(raw))]
-        if not found:
+        if found:
+            oldest = min(found) if oldest is None else min(oldest, *found)
+        elif len(raws) >= QUEUE_PEEK:
             return 0
-        oldest = min(found) if oldest is None else min(oldest, *found)
     return oldest
 
 
@@ -331,42 +331,74 @@ def _next_try(row: Any, grace: float, now: datetime) -> tuple[int, datetime] | N
     return attempt, due
 
 
+def _expected_tries(rows: list[Any], grace: float, now: datetime) -> dict[int, _Try]:
+    """Each delivery's awaited try: its member, when it is due, and the names it may have."""
+    tries = {}
+    for row in rows:
+        found = _next_try(row, grace, now)
+        if found is None:
+            continue
+        attempt, due = found
+        # Tries are named by whichever address rode along when they were scheduled.
+        names = [
+            retry_member(CHANNEL_TASK, [row.id, attempt, *([e] if e else [])])
+            for e in dict.fromkeys([None, row.given, row.own])
+        ]
+        endpoint = (row.given or row.own) if row.channel == "webhook" else None
+        member = retry_member(CHANNEL_TASK, [row.id, attempt, *([endpoint] if endpoint else [])])
+        tries[row.id] = _Try(member, due.timestamp(), names)
+    return tries
+
+
+class _Try(NamedTuple):
+    member: str
+    due: float
+    names: list[str]
+
+
+def _unmirrored(client: redis.Redis, tries: dict[int, _Try]) -> set[int]:
+    """The deliveries none of whose names for the awaited try is in the retry ZSET."""
+    order = list(tries)
+    scores = client.zmscore(RETRY_ZSET, [n for d in order for n in tries[d].names])
+    missing, at = set(), 0
+    for delivery_id in order:
+        width = len(tries[delivery_id].names)
+        if all(s is None for s in scores[at : at + width]):
+            missing.add(delivery_id)
+        at += width
+    return missing
+
+
 def remirror_in_flight(engine: Engine, client: redis.Redis, cfg: Config) -> int:
-    """Pass 4: put back the retry ZSET member of every external try that lost it."""
+    """Pass 4: put back the retry ZSET member of every external try that lost it.
+
+    A delivery whose member is missing is read again before its member is put back: a try
+    that ran between the first read and the ZSET lookup has moved on to the next one,
+    whose member is there, and must not get a stale copy of the one before.
+    """
     now = utcnow()
+    grace = cfg.RECONCILE_GRACE_SECONDS
     after, restored = 0, 0
     for _ in range(MAX_ROUNDS):
         with engine.connect() as conn:
             rows = conn.execute(
-                _SCAN_EXTERNAL, {"after": after, "limit": cfg.RECONCILE_BATCH}
+                _SCAN_EXTERNAL, {"after": after, "ids": None, "limit": cfg.RECONCILE_BATCH}
             ).all()
         if not rows:
             break
-        wanted: list[tuple[str, float, list[str]]] = []
-        for row in rows:
-            found = _next_try(row, cfg.RECONCILE_GRACE_SECONDS, now)
-            if found is None:
-                continue
-            attempt, due = found
-            # Tries are named by whichever address rode along when they were scheduled.
-            names = [
-                retry_member(CHANNEL_TASK, [row.id, attempt, *([e] if e else [])])
-                for e in dict.fromkeys([None, row.given, row.own])
-            ]
-            endpoint = (row.given or row.own) if row.channel == "webhook" else None
-            member = retry_member(
-                CHANNEL_TASK, [row.id, attempt, *([endpoint] if endpoint else [])]
-            )
-            wanted.append((member, due.timestamp(), names))
-        if wanted:
-            scores = client.zmscore(RETRY_ZSET, [n for _, _, names in wanted for n in names])
+        tries = _expected_tries(rows, grace, now)
+        missing = _unmirrored(client, tries) if tries else set()
+        if missing:
+            with engine.connect() as conn:
+                again = conn.execute(
+                    _SCAN_EXTERNAL, {"after": 0, "ids": sorted(missing), "limit": len(missing)}
+                ).all()
+            still = _expected_tries(again, grace, now)
             pipe = client.pipeline(transaction=False)
-            at = 0
-            for member, due_ts, names in wanted:
-                present = any(s is not None for s in scores[at : at + len(names)])
-                at += len(names)
-                if not present:
-                    pipe.zadd(RETRY_ZSET, {member: due_ts}, nx=True)
+            for delivery_id in missing:
+                if delivery_id in still and still[delivery_id] == tries[delivery_id]:
+                    member = tries[delivery_id].member
+                    pipe.zadd(RETRY_ZSET, {member: tries[delivery_id].due}, nx=True)
                     pipe.hdel(RETRY_HELD, member)  # nobody holds it: the sweeper sends it
                     restored += 1
             pipe.execute()

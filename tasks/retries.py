@@ -32,7 +32,14 @@ from flask import current_app
 
 from app import metrics
 from app.config import Config
-from app.routing import QUEUED, RETRY_HELD, RETRY_ZSET, WORKER_PREFIX, retry_member
+from app.routing import (
+    LEFT_TO_SWEEPER,
+    QUEUED,
+    RETRY_HELD,
+    RETRY_ZSET,
+    WORKER_PREFIX,
+    retry_member,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +93,7 @@ def schedule(
     if max_countdown is not None and delay > max_countdown:
         pipe = client.pipeline(transaction=False)
         pipe.zadd(RETRY_ZSET, {key: time.time() + delay - grace})
-        pipe.hdel(RETRY_HELD, key)  # nobody holds it: the sweeper sends it when due
+        pipe.hset(RETRY_HELD, key, LEFT_TO_SWEEPER)
         pipe.execute()
         return
     # Mirror first: a crash between the two leaves a member the sweeper acts on.
@@ -107,9 +114,10 @@ def done(client: redis.Redis, task: str, args: list[Any]) -> None:
 
 
 def sweep(client: redis.Redis, grace: float, rearm: float, send: Send = celery_send) -> int:
-    """Re-enqueue every mirrored try overdue by `grace` that nobody holds; returns how many."""
+    """Enqueue every mirrored try overdue by `grace` that no queue or live worker holds: those
+    left to the sweeper, and lost ones; returns how many."""
     now = time.time()
-    enqueued = 0
+    enqueued = lost = 0
     start = 0
     while True:
         overdue = client.zrangebyscore(
@@ -134,11 +142,16 @@ def sweep(client: redis.Redis, grace: float, rearm: float, send: Send = celery_s
             spec = orjson.loads(raw)
             send(spec["task"], spec["args"], 0)
             enqueued += 1
+            lost += holder != LEFT_TO_SWEEPER
         if len(overdue) < SWEEP_BATCH:
             break
+    if lost:
+        log.warning("retry sweeper sent %d lost tries again", lost)
     if enqueued:
-        log.warning("retry sweeper re-enqueued %d lost tries", enqueued)
-        metrics.count(client, "retries_swept", n=enqueued)
+        metrics.count_many(
+            client,
+            [("retries_swept", ("due",), enqueued - lost), ("retries_swept", ("lost",), lost)],
+        )
     return enqueued
 
 

@@ -326,7 +326,7 @@ def test_a_retry_storm_is_not_amplified_by_the_sweeper(plat, pgplat):
         assert len(per_delivery) == 400
         assert set(per_delivery) == {4}
         # Nothing was lost, so the sweeper had nothing to send again.
-        assert int(rplat.hget("notifications:metrics", "retries_swept") or 0) == 0
+        assert int(rplat.hget("notifications:metrics", "retries_swept:lost") or 0) == 0
         rplat.close()
     finally:
         receiver.server.shutdown()

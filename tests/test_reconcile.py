@@ -269,6 +269,15 @@ def test_a_delivery_whose_task_still_waits_in_its_lane_is_not_pushed_twice(
     assert reconcile.repush_stale(pg, rdb, rdb, cfg, send=pushed) == 1
 
 
+def test_other_tasks_waiting_in_a_lane_do_not_hold_the_push_back(client, auth, pg, rdb, cfg):
+    _post(client, auth)
+    _record(pg, rdb)
+    _online(rdb, "u1")
+    rdb.lpush("high", orjson.dumps({"body": "", "headers": {"task": "tasks.stream.watchdog"}}))
+
+    assert reconcile.repush_stale(pg, rdb, rdb, cfg, send=Pushed()) == 1
+
+
 def test_without_a_redis_broker_to_look_into_nothing_is_pushed(client, auth, pg, rdb, cfg):
     _post(client, auth)
     _record(pg, rdb)
@@ -333,3 +342,28 @@ def test_reconcile_all_goes_on_when_redis_is_down(pg, make_app):
 
     # The passes that need Redis failed; the one that found nothing to ask it ran.
     assert done == {"remirrored": 0}
+
+
+def test_a_try_that_ran_meanwhile_does_not_get_a_stale_member_back(
+    pg, rdb, cfg, webhook_delivery, monkeypatch
+):
+    url = "http://127.0.0.1:9/hook"
+    unmirrored = reconcile._unmirrored
+
+    def try_one_runs_meanwhile(client, tries):
+        # Between the first read and the ZSET lookup, try 1 fails and schedules try 2.
+        with pg.begin() as conn:
+            conn.execute(
+                text("INSERT INTO delivery_attempts (delivery_id, channel, attempt, started_at, "
+                     "finished_at, outcome, next_retry_at) VALUES (:d, 'webhook', 1, "
+                     "now() - interval '30 seconds', now() - interval '30 seconds', 'retry', "
+                     "now() + interval '60 seconds')"),
+                {"d": webhook_delivery},
+            )  # fmt: skip
+        rdb.zadd(RETRY_ZSET, {retry_member(CHANNEL_TASK, [webhook_delivery, 2, url]): 1})
+        return unmirrored(client, tries)
+
+    monkeypatch.setattr(reconcile, "_unmirrored", try_one_runs_meanwhile)
+
+    assert reconcile.remirror_in_flight(pg, rdb, cfg) == 0
+    assert rdb.zrange(RETRY_ZSET, 0, -1) == [retry_member(CHANNEL_TASK, [webhook_delivery, 2, url])]

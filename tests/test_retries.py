@@ -310,3 +310,13 @@ def test_a_success_closes_the_circuit(make_app, client, auth, rdb, pg):
     assert calls == [2]
     assert probe.circuits.open_until(url) is None
     assert not rdb.exists(circuit.key(url))
+
+
+def test_sweeper_sends_tries_left_to_it_and_counts_them_apart_from_lost_ones(rdb):
+    sent = Sent()
+    retries.schedule(rdb, "t", [7, 1], delay=-10, send=sent, max_countdown=-20)  # left to it
+    rdb.zadd(RETRY_ZSET, {retries.member("t", [8, 1]): 0})  # lost: nobody knows of it
+
+    assert retries.sweep(rdb, grace=1, rearm=30, send=sent) == 2
+    counters = rdb.hgetall("notifications:metrics")
+    assert (counters["retries_swept:due"], counters["retries_swept:lost"]) == ("1", "1")
