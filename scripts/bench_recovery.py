@@ -41,17 +41,13 @@ from typing import Any
 
 import redis
 import websocket
+from bench_delivery import BIN, PG_ADMIN, ROOT
 from sqlalchemy import create_engine, text
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from app.config import Config
+from app.db import upgrade
+from tasks import reconcile
 
-from app.config import Config  # noqa: E402
-from app.db import upgrade  # noqa: E402
-from tasks import reconcile  # noqa: E402
-
-BIN = Path(sys.executable).parent
-PG_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 API_KEY = "bench-recovery-key"
 JWT_SECRET = "bench-recovery-secret-of-at-least-32-bytes"
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -198,6 +198,14 @@ def rplat(platform_settings: dict[str, str]) -> Iterator[redis.Redis]:
     client.close()
 
 
+@pytest.fixture
+def pgplat(platform_settings: dict[str, str]) -> Iterator[Any]:
+    """A SQLAlchemy engine on the database the platform processes use."""
+    engine = create_engine(platform_settings["DATABASE_URL"])
+    yield engine
+    engine.dispose()
+
+
 @pytest.fixture(scope="module")
 def platform(platform_settings: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     """A Platform whose processes are stopped at the end of the module; state is reset first."""

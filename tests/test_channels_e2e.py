@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 from aiosmtpd.controller import Controller
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from tests.helpers import free_port, wait_until
 from tests.platform import Client, get, notify, post, put
@@ -48,13 +48,6 @@ def running(platform, smtp):
     channels = [platform.channels_worker(SMTP_URL=f"smtp://127.0.0.1:{smtp[0]}")]
     platform.beat()
     return port, channels
-
-
-@pytest.fixture
-def pgplat(platform_settings):
-    engine = create_engine(platform_settings["DATABASE_URL"])
-    yield engine
-    engine.dispose()
 
 
 def user() -> str:

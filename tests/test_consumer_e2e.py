@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 import redis
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from app import create_app, db
 from tasks.stream import watchdog
@@ -25,13 +25,6 @@ def _fresh_processes(platform, platform_settings):
     client = redis.Redis.from_url(platform_settings["REDIS_URL"])
     client.flushdb()
     client.close()
-
-
-@pytest.fixture
-def pgplat(platform_settings):
-    engine = create_engine(platform_settings["DATABASE_URL"])
-    yield engine
-    engine.dispose()
 
 
 def start_consumer(platform_settings, name: str) -> None:

@@ -59,13 +59,6 @@ def plat(platform_settings, redis_server, tmp_path: Path) -> Iterator[Platform]:
     p.stop_all()
 
 
-@pytest.fixture
-def pgplat(platform_settings):
-    engine = create_engine(platform_settings["DATABASE_URL"])
-    yield engine
-    engine.dispose()
-
-
 def _send(port: int, **fields) -> str:
     status, body = post(port, "/notifications", {"title": "t", "body": "b", **fields})
     assert status == 202, body
