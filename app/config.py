@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from app import outbound
+
 
 def _bool(raw: str) -> bool:
     return raw.strip().lower() in {"1", "true", "yes", "on"}
@@ -140,6 +142,11 @@ class Config:
         60.0, "An attempt unfinished this long after it started is taken as lost with its worker."
     )
     WEBHOOK_TIMEOUT_SECONDS: float = setting(10.0, "Timeout of one webhook POST.")
+    WEBHOOK_ALLOWED_NETWORKS: str = setting(
+        "",
+        "Comma-separated CIDRs webhooks may go to besides public addresses (loopback, private "
+        "and link-local ones are refused otherwise), e.g. `10.1.0.0/16`.",
+    )
     CIRCUIT_FAILURES: int = setting(
         5, "Consecutive retryable failures of a webhook URL that open its circuit."
     )
@@ -189,6 +196,17 @@ class Config:
             if raw is not None:
                 values[f.name] = _COERCE[type(f.default)](raw) if isinstance(raw, str) else raw
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        # A mistyped network must stop the start, not fail every webhook request later.
+        try:
+            outbound.parse_networks(self.WEBHOOK_ALLOWED_NETWORKS)
+        except ValueError as exc:
+            raise ValueError(f"WEBHOOK_ALLOWED_NETWORKS: {exc}") from None
+
+    @property
+    def webhook_networks(self) -> tuple[outbound.Network, ...]:
+        return outbound.parse_networks(self.WEBHOOK_ALLOWED_NETWORKS)
 
     @property
     def broker_url(self) -> str:

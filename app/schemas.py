@@ -9,7 +9,7 @@ import orjson
 from flask import current_app
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
-from app import locales, preferences, rendering
+from app import locales, outbound, preferences, rendering
 from models import Channel, Priority
 
 
@@ -76,7 +76,16 @@ class LocaleTag(fields.String):
 
 
 USER_ID = validate.Length(min=1, max=255)
-WEBHOOK_URL = validate.URL(schemes={"http", "https"}, require_tld=False)
+_URL = validate.URL(schemes={"http", "https"}, require_tld=False)
+
+
+def WEBHOOK_URL(value: str) -> None:
+    """An http(s) URL whose host resolves only to addresses the platform may send to."""
+    _URL(value)
+    try:
+        outbound.check_url(value, current_app.config["NOTIFIER"].webhook_networks)
+    except outbound.RefusedAddress as exc:
+        raise ValidationError(f"Not allowed: the URL {exc}.") from None
 
 
 class NotificationIn(Schema):

@@ -62,6 +62,8 @@ class Platform:
             "STREAM_WATCHDOG_SECONDS": "1",
             "STREAM_BACKLOG_LIMIT": "10000000",
             "LOG_LEVEL": "WARNING",
+            # The retry storm's failing receiver listens on loopback.
+            "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
             **settings,
         }
         if web_workers is not None:

@@ -79,6 +79,7 @@ def send_job(job: Job, cfg: Config) -> Outcome:
             idempotency_key=f"{job.payload['id']}:{job.delivery_id}",
             attempt=job.attempt,
             timeout=cfg.WEBHOOK_TIMEOUT_SECONDS,
+            networks=cfg.webhook_networks,
         )
     msg = compose(
         cfg.EMAIL_FROM,

@@ -23,6 +23,7 @@ PG_ADMIN_URL = os.environ.get(
 )
 REDIS_BASE_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 API_KEY = "test-api-key"
+LOOPBACK = "127.0.0.0/8,::1/128"
 
 
 def _worker_index(worker_id: str) -> int:
@@ -62,7 +63,8 @@ def base_settings(database_url: str, redis_url: str) -> dict[str, Any]:
         "API_KEY": API_KEY,
         "API_KEY_CACHE_SECONDS": 0.0,
         "BACKLOG_CHECK_SECONDS": 0.0,
-        "OUTBOX_GRACE_SECONDS": 0.0,
+        # The tests' webhook receivers listen on loopback.
+        "WEBHOOK_ALLOWED_NETWORKS": LOOPBACK,
     }
 
 
@@ -183,8 +185,8 @@ def platform_settings(
         "WEBHOOK_SIGNING_SECRET": "platform-webhook-secret",
         "ESCALATION_SWEEP_SECONDS": "0.5",
         "PRESENCE_HEARTBEAT_SECONDS": "1",
-        "OUTBOX_GRACE_SECONDS": "2",
         "OUTBOX_SWEEP_SECONDS": "1",
+        "WEBHOOK_ALLOWED_NETWORKS": LOOPBACK,
         "STREAM_BACKLOG_LIMIT": "1000000",
     }
     next(databases, None)  # drops it
