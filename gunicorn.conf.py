@@ -5,7 +5,8 @@ import os
 import shutil
 import tempfile
 
-bind = f"{os.environ.get('BIND_HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
+# Loopback unless told otherwise: a development platform is not on the network by accident.
+bind = f"{os.environ.get('BIND_HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 # gevent: each socket is a greenlet, so one process holds thousands of idle WebSockets.
 worker_class = "gevent"
 # Two processes, or half the cores where there are more: `make run` puts the stream

@@ -15,6 +15,7 @@ from app.config import Config
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     """Build the Flask app; `overrides` replace settings read from the environment."""
     cfg = Config.from_env(overrides=overrides)
+    cfg.refuse_unsafe()
     logs.configure(cfg.LOG_LEVEL, cfg.LOG_FORMAT)
 
     app = Flask(__name__)

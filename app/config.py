@@ -26,16 +26,34 @@ def setting(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc})
 
 
+DEV_API_KEY = "dev-api-key"
+DEV_JWT_SECRET = "dev-jwt-secret-change-me-in-production"
+DEV_FLOWER_BASIC_AUTH = "admin:admin"
+
+
+class UnsafeConfig(Exception):
+    """Production settings that still hold a development default."""
+
+
 @dataclass(frozen=True)
 class Config:
+    NOTIFIER_ENV: str = setting(
+        "development",
+        "`production` refuses to start with the development API key, JWT secret or Flower "
+        "password.",
+    )
     DATABASE_URL: str = setting(
         "postgresql+psycopg2://postgres@127.0.0.1:5432/notifier", "PostgreSQL (SQLAlchemy URL)."
     )
     REDIS_URL: str = setting("redis://127.0.0.1:6379/0", "Redis: streams, pub/sub, presence.")
     CELERY_BROKER_URL: str = setting("", "Celery broker; empty means REDIS_URL.")
-    API_KEY: str = setting("dev-api-key", "An API key accepted besides the hashed keys in the DB.")
-    JWT_SECRET: str = setting(
-        "dev-jwt-secret-change-me-in-production", "HS256 secret for user tokens (32+ bytes)."
+    API_KEY: str = setting(DEV_API_KEY, "An API key accepted besides the hashed keys in the DB.")
+    JWT_SECRET: str = setting(DEV_JWT_SECRET, "HS256 secret for user tokens (32+ bytes).")
+    FLOWER_BASIC_AUTH: str = setting(
+        DEV_FLOWER_BASIC_AUTH, "Flower's `user:password` (the Procfile passes it to Flower)."
+    )
+    METRICS_TOKEN: str = setting(
+        "", "When set, `GET /metrics` requires `Authorization: Bearer <token>`."
     )
     PORT: int = setting(8000, "HTTP and WebSocket port of `make run`.")
 
@@ -203,6 +221,25 @@ class Config:
             outbound.parse_networks(self.WEBHOOK_ALLOWED_NETWORKS)
         except ValueError as exc:
             raise ValueError(f"WEBHOOK_ALLOWED_NETWORKS: {exc}") from None
+
+    def refuse_unsafe(self) -> None:
+        """In production, refuse development secrets, naming each one still set."""
+        if self.NOTIFIER_ENV != "production":
+            return
+        unsafe = [
+            name
+            for name, value, dev in (
+                ("API_KEY", self.API_KEY, DEV_API_KEY),
+                ("JWT_SECRET", self.JWT_SECRET, DEV_JWT_SECRET),
+                ("FLOWER_BASIC_AUTH", self.FLOWER_BASIC_AUTH, DEV_FLOWER_BASIC_AUTH),
+            )
+            if value == dev
+        ]
+        if unsafe:
+            raise UnsafeConfig(
+                "NOTIFIER_ENV=production refuses to start with development defaults: set "
+                + ", ".join(unsafe)
+            )
 
     @property
     def webhook_networks(self) -> tuple[outbound.Network, ...]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import unicodedata
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import IntegerConverter
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,42 @@ _HTTP_CODES = {
 }
 
 
+def has_control_character(text: str) -> bool:
+    """NUL and the other C0/C1 controls: PostgreSQL refuses NUL in text, and none of them
+    belongs in an id, a key or a query value."""
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
+
+
+class AsciiIntConverter(IntegerConverter):
+    """`<int:...>` for ASCII digits only: `\\d` also matches digits like '²', which int()
+    cannot read."""
+
+    regex = r"[0-9]+"
+
+
+def _refuse_unusable_input() -> None:
+    """Path and query values PostgreSQL cannot store or an id cannot be: a 4xx, never a 500."""
+    if has_control_character(request.path):
+        raise ApiError(
+            400, "bad_request", "The path contains a control character.",
+            {"path": ["Must not contain control characters (NUL included)."]},
+        )  # fmt: skip
+    for name, value in request.args.items(multi=True):
+        if has_control_character(name) or has_control_character(value):
+            raise ApiError(
+                400, "bad_request", f"The query parameter {name!r} contains a control character.",
+                {name: ["Must not contain control characters (NUL included)."]},
+            )  # fmt: skip
+    for name, value in (request.view_args or {}).items():
+        if isinstance(value, str) and not value.strip():
+            raise ApiError(422, "validation_error", f"'{name}' is blank.",
+                           {name: ["Must not be blank."]})  # fmt: skip
+
+
 def init_app(app: Flask) -> None:
+    app.url_map.converters["int"] = AsciiIntConverter
+    app.before_request(_refuse_unusable_input)
+
     @app.errorhandler(ApiError)
     def _api_error(err: ApiError) -> Response:
         return error_response(err.status, err.code, err.message, err.fields, err.headers)

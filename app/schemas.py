@@ -30,7 +30,35 @@ class Text(fields.String):
         return result
 
 
+# Deeper JSON is refused at validation: the encoder stops at 255 levels, past which a
+# body would pass validation and fail at the writer.
+MAX_JSON_DEPTH = 32
+
+
+def _depth(value: Any) -> int:
+    """How deeply `value` nests objects and arrays (a scalar is 0), without recursion."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, dict):
+            todo.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            todo.extend((v, level + 1) for v in item)
+        else:
+            continue
+        deepest = max(deepest, level + 1)
+        if deepest > MAX_JSON_DEPTH:
+            break
+    return deepest
+
+
+def _shallow(value: Any) -> None:
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise ValidationError(f"Must not nest objects and arrays more than {MAX_JSON_DEPTH} deep.")
+
+
 def _data_size(value: dict[str, Any]) -> None:
+    _shallow(value)
     limit = current_app.config["NOTIFIER"].MAX_DATA_BYTES
     size = len(orjson.dumps(value))
     if size > limit:
@@ -55,9 +83,12 @@ class UserIdList(fields.List):
 
 def _all_user_ids(values: list[Any]) -> bool:
     """True when every value is a str that USER_ID and Text would accept unchanged."""
-    shortest, longest = USER_ID.min, USER_ID.max
+    shortest, longest = USER_ID_LENGTH.min, USER_ID_LENGTH.max
     return all(
-        type(v) is str and shortest <= len(v) <= longest and "\x00" not in v  # type: ignore[operator]
+        type(v) is str
+        and shortest <= len(v) <= longest
+        and "\x00" not in v  # type: ignore[operator]
+        and not v.isspace()
         for v in values
     )
 
@@ -75,7 +106,16 @@ class LocaleTag(fields.String):
             ) from None
 
 
-USER_ID = validate.Length(min=1, max=255)
+USER_ID_LENGTH = validate.Length(min=1, max=255)
+
+
+def USER_ID(value: str) -> None:
+    """1 to 255 characters, not all white space."""
+    USER_ID_LENGTH(value)
+    if not value.strip():
+        raise ValidationError("Must not be blank.")
+
+
 _URL = validate.URL(schemes={"http", "https"}, require_tld=False)
 
 
@@ -94,7 +134,7 @@ class NotificationIn(Schema):
     title = Text(validate=validate.Length(max=1000))
     body = Text(validate=validate.Length(max=20_000))
     template = Text(validate=validate.Length(min=1, max=200))
-    params = fields.Dict(keys=fields.String(), validate=_no_nul)
+    params = fields.Dict(keys=fields.String(), validate=[_shallow, _no_nul])
     data = fields.Dict(keys=fields.String(), validate=_data_size)
     priority = fields.String(
         load_default=Priority.NORMAL.value, validate=validate.OneOf([p.value for p in Priority])

@@ -30,6 +30,8 @@ def verify(secret: str, token: str | None) -> str:
     except jwt.PyJWTError as exc:
         raise InvalidToken(str(exc)) from exc
     sub = claims["sub"]
-    if not isinstance(sub, str) or not sub:
+    if not isinstance(sub, str) or not sub.strip():
         raise InvalidToken("'sub' must be a non-empty string")
+    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in sub):
+        raise InvalidToken("'sub' must not contain control characters")
     return sub

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import time
+
+import jwt
 import pytest
 
+from app.tokens import InvalidToken, verify
 from tests.helpers import count_rows
 
 NOTE = {"user_id": "u1", "title": "t", "body": "b"}
@@ -137,3 +141,111 @@ def test_unknown_route_and_method_answer_json(client, auth):
     r = client.put("/notifications", json=NOTE, headers=auth)
     assert r.status_code == 405
     assert r.json["error"] == "method_not_allowed"
+
+
+def _nested(levels: int) -> bytes:
+    """A body whose `data` nests objects `levels` deep, written out (no encoder recurses)."""
+    data = b'{"a":' * (levels - 1) + b"{}" + b"}" * (levels - 1)
+    return b'{"user_id": "u1", "title": "t", "body": "b", "data": ' + data + b"}"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/users/a%00b", "/templates/%00", "/notifications/offline/%00", "/notifications/%00",
+     "/users/a%01b", "/notifications/offline/u?limit=1%00", "/dlq?x%00=1"],
+)  # fmt: skip
+def test_control_characters_in_paths_and_queries_are_400_naming_where(client, auth, path):
+    r = client.get(path, headers=auth)
+
+    assert r.status_code == 400
+    assert r.json["error"] == "bad_request"
+    assert r.json["fields"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/notifications/offline/u?limit=%C2%B2", "/notifications/offline/u?limit=%D9%A3",
+     "/dlq/%C2%B2", "/dlq?limit=%C2%B2", "/templates?limit=%C2%B2"],
+)  # fmt: skip
+def test_non_ascii_digits_are_a_4xx(client, auth, path):
+    r = client.get(path, headers=auth)
+
+    assert 400 <= r.status_code < 500
+    assert "error" in r.json
+
+
+@pytest.mark.parametrize("levels", [33, 200, 252, 253, 254])
+def test_data_nested_past_the_limit_is_422_and_never_reaches_the_writer(
+    client, auth, pg, rdb, levels
+):
+    r = client.post("/notifications", data=_nested(levels), headers={**auth, **JSON})
+
+    assert r.status_code == 422
+    assert "data" in r.json["fields"]
+    _assert_nothing_recorded(pg, rdb)
+
+
+def test_a_body_nested_deeper_than_the_parser_takes_is_400(client, auth, pg, rdb):
+    r = client.post("/notifications", data=_nested(5000), headers={**auth, **JSON})
+
+    assert r.status_code == 400
+    assert r.json["error"] == "invalid_json"
+    _assert_nothing_recorded(pg, rdb)
+
+
+def test_data_nested_up_to_the_limit_is_accepted(client, auth):
+    r = client.post("/notifications", data=_nested(32), headers={**auth, **JSON})
+
+    assert r.status_code == 202
+
+
+@pytest.mark.parametrize("user_id", ["", "   ", "\t"])
+def test_blank_user_ids_are_422(client, auth, pg, rdb, user_id):
+    r = client.post("/notifications", json={**NOTE, "user_id": user_id}, headers=auth)
+
+    assert r.status_code == 422
+    assert "user_id" in r.json["fields"]
+    _assert_nothing_recorded(pg, rdb)
+
+
+def test_a_blank_user_id_in_the_path_is_422(client, auth):
+    r = client.put("/users/%20%20", json={"locale": "en"}, headers=auth)
+
+    assert r.status_code == 422
+    assert "user_id" in r.json["fields"]
+
+
+@pytest.mark.parametrize("lang", ["root", "und", "en@calendar=gregorian", "x-klingon", "zz"])
+def test_odd_locale_tags_are_accepted_or_refused_never_a_5xx(client, auth, lang):
+    r = client.post("/notifications", json={**NOTE, "lang": lang}, headers=auth)
+
+    assert r.status_code in (202, 422)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"send_at": "0001-01-01T00:00:00Z"}, {"send_at": "9999-12-31T23:59:59Z"},
+     {"expires_at": "9999-12-31T23:59:59Z"}, {"expires_at": "0001-01-01T00:00:00Z"},
+     {"fallback_after_seconds": 10**30}, {"fallback_after_seconds": -1}],
+)  # fmt: skip
+def test_extreme_dates_and_numbers_are_accepted_or_refused_never_a_5xx(client, auth, fields):
+    r = client.post("/notifications", json={**NOTE, **fields}, headers=auth)
+
+    assert r.status_code in (202, 422)
+
+
+def test_a_huge_number_in_data_is_a_4xx(client, auth, pg, rdb):
+    body = b'{"user_id": "u1", "title": "t", "body": "b", "data": {"x": ' + b"9" * 400 + b"}}"
+
+    r = client.post("/notifications", data=body, headers={**auth, **JSON})
+
+    assert 400 <= r.status_code < 500
+    _assert_nothing_recorded(pg, rdb)
+
+
+@pytest.mark.parametrize("sub", ["a\x00b", "a\nb", "   "])
+def test_a_token_whose_sub_is_blank_or_holds_a_control_character_is_refused(sub):
+    token = jwt.encode({"sub": sub, "exp": int(time.time()) + 60}, "s" * 32, "HS256")
+
+    with pytest.raises(InvalidToken):
+        verify("s" * 32, token)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -79,6 +80,8 @@ def test_compose_services_wait_for_healthy_stores_and_migrations():
 def test_compose_app_settings_name_real_settings():
     env = _compose()["services"]["api"]["environment"]
     known = {name for name, _, _ in Config.documented()}
+    # and the process settings gunicorn.conf.py reads (BIND_HOST, WEB_CONCURRENCY, ...)
+    known |= set(re.findall(r"environ\.get\([\"'](\w+)", (ROOT / "gunicorn.conf.py").read_text()))
     assert set(env) <= known
 
 

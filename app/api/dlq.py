@@ -15,7 +15,11 @@ bp = Blueprint("dlq", __name__)
 
 
 def _letter(letter_id: str) -> DeadLetter:
-    letter = get_session().get(DeadLetter, int(letter_id)) if letter_id.isdigit() else None
+    letter = (
+        get_session().get(DeadLetter, int(letter_id))
+        if letter_id.isascii() and letter_id.isdigit()
+        else None
+    )
     if letter is None:
         raise ApiError(404, "not_found", "No such dead letter.", {"id": ["Unknown id."]})
     return letter

@@ -25,7 +25,7 @@ IDS_MAX = 1000
 
 def _limit(default: int = 100) -> int:
     raw = request.args.get("limit", str(default))
-    if not raw.isdigit() or not 1 <= int(raw) <= PAGE_MAX:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= PAGE_MAX:
         raise ApiError(
             422,
             "validation_error",
@@ -39,7 +39,7 @@ def _cursor(name: str) -> int | None:
     raw = request.args.get(name)
     if raw is None:
         return None
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         raise ApiError(
             422,
             "validation_error",

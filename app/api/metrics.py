@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hmac
+
 from flask import Blueprint, Response, current_app
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import metrics
+from app.auth import bearer_token
+from app.errors import ApiError
 from app.redis_client import make_redis
 from app.routing import RETRY_ZSET
 
@@ -29,4 +33,10 @@ def _collector() -> metrics.PlatformCollector:
 
 @bp.get("/metrics")
 def exposition() -> Response:
+    expected = current_app.config["NOTIFIER"].METRICS_TOKEN
+    if expected and not hmac.compare_digest((bearer_token() or "").encode(), expected.encode()):
+        raise ApiError(
+            401, "unauthorized", "GET /metrics needs its bearer token.",
+            {"Authorization": ["Bearer METRICS_TOKEN expected."]},
+        )  # fmt: skip
     return Response(metrics.render(_collector()), mimetype=CONTENT_TYPE_LATEST)

@@ -345,6 +345,8 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     if raw is None:
         return default
     try:
+        if not raw.isascii():
+            raise ValueError(raw)  # int() reads '²' as nothing, but '٣' as 3
         value = int(raw)
     except ValueError:
         raise ApiError(

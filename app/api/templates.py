@@ -77,7 +77,7 @@ def put_template(key: str) -> tuple[Response, int]:
 def list_templates() -> Response:
     """By key; page on with ?after=<next_after>."""
     raw = request.args.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw) <= PAGE_MAX:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= PAGE_MAX:
         raise ApiError(
             422, "validation_error", f"'limit' must be 1 to {PAGE_MAX}.",
             {"limit": [f"Must be an integer from 1 to {PAGE_MAX}."]},
