@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import logging
 import secrets
 import threading
 import time
@@ -20,7 +21,10 @@ from flask import current_app, g, request
 from sqlalchemy import Engine, select
 
 from app.errors import ApiError
+from app.rate_limits import RateLimits, Verdict
 from models import ApiKey
+
+log = logging.getLogger(__name__)
 
 ENV_CLIENT = "env"
 KEY_PREFIX = "nk_"
@@ -82,6 +86,58 @@ def init_app(app: Any) -> None:
     app.extensions["auth.api_keys"] = ApiKeyAuthenticator(
         app.extensions["db.engine"], cfg.API_KEY, cfg.API_KEY_CACHE_SECONDS
     )
+    app.extensions["auth.rate_limits"] = RateLimits(
+        cfg.RATE_LIMIT_STORAGE_URL or cfg.REDIS_URL,
+        cfg.RATE_LIMIT_PER_SECOND,
+        cfg.RATE_LIMIT_BURST,
+        cfg.AUTH_FAILURES_PER_MINUTE,
+    )
+    app.after_request(_rate_limit_headers)
+
+
+def _rate_limits() -> RateLimits:
+    return current_app.extensions["auth.rate_limits"]
+
+
+def _too_many(seconds: int, message: str, verdict: Verdict | None = None) -> ApiError:
+    headers = {"Retry-After": str(seconds)}
+    if verdict is not None:
+        headers.update(_headers_of(verdict))
+    return ApiError(429, "too_many_requests", message, {"x-api-key": [message]}, headers)
+
+
+def _headers_of(verdict: Verdict) -> dict[str, str]:
+    return {
+        "RateLimit-Limit": str(verdict.limit),
+        "RateLimit-Remaining": str(max(0, verdict.remaining)),
+        "RateLimit-Reset": str(verdict.reset_seconds),
+    }
+
+
+def _rate_limit_headers(response: Any) -> Any:
+    verdict = g.get("rate_limit")
+    if verdict is not None:
+        response.headers.update(_headers_of(verdict))
+    return response
+
+
+def _refuse_blocked_address() -> None:
+    seconds = _rate_limits().blocked_for(request.remote_addr or "")
+    if seconds:
+        raise _too_many(seconds, "Too many failed authentications from this address.")
+
+
+def _failed_authentication(error: ApiError) -> ApiError:
+    """The error to answer a failed authentication with: 429 once the address is past its
+    allowance of failures, the 401 before that."""
+    try:
+        seconds = _rate_limits().failed(request.remote_addr or "")
+    except Exception:
+        log.warning("failed authentication not counted: storage unreachable", exc_info=True)
+        seconds = 0
+    if seconds:
+        return _too_many(seconds, "Too many failed authentications from this address.")
+    return error
 
 
 def authenticate_api_key() -> str | None:
@@ -102,16 +158,32 @@ def require_api_key(view: F) -> F:
 
 
 def _admit_api_key() -> None:
-    """Set g.client from the x-api-key header, or answer 401."""
+    """Set g.client from the x-api-key header, or answer 401 (429 past a rate limit)."""
+    _refuse_blocked_address()
     client = authenticate_api_key()
     if client is None:
         missing = not request.headers.get("x-api-key")
-        raise ApiError(
-            401,
-            "unauthorized",
-            "Missing x-api-key header." if missing else "Invalid or revoked API key.",
-            {"x-api-key": ["Missing." if missing else "Invalid or revoked."]},
+        raise _failed_authentication(
+            ApiError(
+                401,
+                "unauthorized",
+                "Missing x-api-key header." if missing else "Invalid or revoked API key.",
+                {"x-api-key": ["Missing." if missing else "Invalid or revoked."]},
+            )
         )
+    limits = _rate_limits()
+    if limits.enabled:
+        try:
+            verdict = limits.admit(client)
+        except Exception:
+            # Redis unreachable: ingest still records the notification in PostgreSQL, and
+            # refusing every request would turn a Redis outage into an API outage.
+            log.warning("rate limit not checked: its storage is unreachable", exc_info=True)
+            g.client = client
+            return
+        if not verdict.allowed:
+            raise _too_many(verdict.reset_seconds, "This API key is over its rate limit.", verdict)
+        g.rate_limit = verdict
     g.client = client
 
 
@@ -130,14 +202,17 @@ def require_user_or_api_key(view: F) -> F:
         if request.headers.get("x-api-key"):
             _admit_api_key()
             return view(*args, **kwargs)
+        _refuse_blocked_address()
         try:
             sub = verify(current_app.config["NOTIFIER"].JWT_SECRET, bearer_token())
         except InvalidToken as exc:
-            raise ApiError(
-                401,
-                "unauthorized",
-                "Send x-api-key or 'Authorization: Bearer <token>'.",
-                {"Authorization": [str(exc)]},
+            raise _failed_authentication(
+                ApiError(
+                    401,
+                    "unauthorized",
+                    "Send x-api-key or 'Authorization: Bearer <token>'.",
+                    {"Authorization": [str(exc)]},
+                )
             ) from exc
         if sub != kwargs.get("user_id"):
             raise ApiError(

@@ -71,6 +71,18 @@ class Config:
     MAX_RECIPIENTS: int = setting(10_000, "Most recipients in one notification.")
     MAX_DATA_BYTES: int = setting(16 * 1024, "Largest `data` object, JSON-encoded bytes.")
     IDEMPOTENCY_TTL_SECONDS: int = setting(24 * 3600, "How long an Idempotency-Key is remembered.")
+    RATE_LIMIT_PER_SECOND: int = setting(
+        5000, "Requests per second one API key may send on average; 0 turns rate limits off."
+    )
+    RATE_LIMIT_BURST: int = setting(
+        10_000, "Requests one API key may send at once (the window is BURST / RATE seconds)."
+    )
+    AUTH_FAILURES_PER_MINUTE: int = setting(
+        60, "Failed authentications per client address and minute before it gets 429s."
+    )
+    RATE_LIMIT_STORAGE_URL: str = setting(
+        "", "Where rate-limit counts are kept (`redis://...` or `memory://`); empty: REDIS_URL."
+    )
     API_KEY_CACHE_SECONDS: float = setting(
         5.0, "How long a process trusts a looked-up API key; bounds how late a revocation bites."
     )
