@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from flask import current_app, g, request
 from sqlalchemy import Engine, select
@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 ENV_CLIENT = "env"
 KEY_PREFIX = "nk_"
+# send: POST notifications and batches; read: notification status, inboxes, users, sockets
+# for any user; admin: templates, preferences, dead letters and redrive, user tokens.
+SCOPES = ("send", "read", "admin")
 _CACHE_MAX = 10_000
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -41,21 +44,28 @@ def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+class Caller(NamedTuple):
+    """Who presented an API key, and what the key may do."""
+
+    name: str
+    scopes: frozenset[str]
+
+
 class ApiKeyAuthenticator:
-    """Maps a presented key to its client name, or None."""
+    """Maps a presented key to its Caller, or None."""
 
     def __init__(self, engine: Engine, env_key: str, cache_seconds: float) -> None:
         self._engine = engine
         self._env_key = env_key
         self._cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[str | None, float]] = {}
+        self._cache: dict[str, tuple[Caller | None, float]] = {}
         self._lock = threading.Lock()
 
-    def authenticate(self, presented: str) -> str | None:
+    def authenticate(self, presented: str) -> Caller | None:
         if not presented:
             return None
         if self._env_key and hmac.compare_digest(presented.encode(), self._env_key.encode()):
-            return ENV_CLIENT
+            return Caller(ENV_CLIENT, frozenset(SCOPES))
         digest = hash_key(presented)
         now = time.monotonic()
         cached = self._cache.get(digest)
@@ -69,16 +79,16 @@ class ApiKeyAuthenticator:
                 self._cache[digest] = (client, now + self._cache_seconds)
         return client
 
-    def _lookup(self, digest: str) -> str | None:
+    def _lookup(self, digest: str) -> Caller | None:
         with self._engine.connect() as conn:
             row = conn.execute(
-                select(ApiKey.name, ApiKey.key_hash).where(
+                select(ApiKey.name, ApiKey.key_hash, ApiKey.scopes).where(
                     ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)
                 )
             ).first()
         if row is None or not hmac.compare_digest(row.key_hash, digest):
             return None
-        return row.name
+        return Caller(row.name, frozenset(row.scopes))
 
 
 def init_app(app: Any) -> None:
@@ -140,28 +150,34 @@ def _failed_authentication(error: ApiError) -> ApiError:
     return error
 
 
-def authenticate_api_key() -> str | None:
-    """The client name for the request's x-api-key header, or None."""
+def authenticate_api_key() -> Caller | None:
+    """The caller for the request's x-api-key header, or None."""
     presented = request.headers.get("x-api-key", "")
     return current_app.extensions["auth.api_keys"].authenticate(presented)
 
 
-def require_api_key(view: F) -> F:
-    """Reject the request with 401 unless it carries a valid x-api-key."""
+def require_api_key(scope: str) -> Callable[[F], F]:
+    """Reject the request with 401 unless it carries a valid x-api-key, 403 unless the key
+    has `scope`."""
+    assert scope in SCOPES, scope
 
-    @functools.wraps(view)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _admit_api_key()
-        return view(*args, **kwargs)
+    def decorate(view: F) -> F:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            _admit_api_key(scope)
+            return view(*args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
-def _admit_api_key() -> None:
-    """Set g.client from the x-api-key header, or answer 401 (429 past a rate limit)."""
+def _admit_api_key(scope: str) -> None:
+    """Set g.client from the x-api-key header, or answer 401 (429 past a rate limit, 403
+    without `scope`)."""
     _refuse_blocked_address()
-    client = authenticate_api_key()
-    if client is None:
+    caller = authenticate_api_key()
+    if caller is None:
         missing = not request.headers.get("x-api-key")
         raise _failed_authentication(
             ApiError(
@@ -171,6 +187,12 @@ def _admit_api_key() -> None:
                 {"x-api-key": ["Missing." if missing else "Invalid or revoked."]},
             )
         )
+    if scope not in caller.scopes:
+        raise ApiError(
+            403, "forbidden", f"This API key lacks the {scope!r} scope.",
+            {"scope": [f"{scope!r} required; the key has {', '.join(sorted(caller.scopes))}."]},
+        )  # fmt: skip
+    client = caller.name
     limits = _rate_limits()
     if limits.enabled:
         try:
@@ -200,7 +222,7 @@ def require_user_or_api_key(view: F) -> F:
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if request.headers.get("x-api-key"):
-            _admit_api_key()
+            _admit_api_key("read")
             return view(*args, **kwargs)
         _refuse_blocked_address()
         try:

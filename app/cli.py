@@ -13,7 +13,7 @@ from flask.cli import AppGroup
 from sqlalchemy import select
 
 from app import db, dead_letters
-from app.auth import generate_key, hash_key
+from app.auth import SCOPES, generate_key, hash_key
 from models import ApiKey, DeadLetter
 from models.base import utcnow
 
@@ -24,8 +24,20 @@ dlq = AppGroup("dlq", help="Inspect and redrive dead letters.")
 
 @keys.command("create")
 @click.argument("name")
-def create_key(name: str) -> None:
+@click.option(
+    "--scopes",
+    default=",".join(SCOPES),
+    show_default=True,
+    help="Comma-separated: send (notifications), read (status, inboxes, users), admin.",
+)
+def create_key(name: str, scopes: str) -> None:
     """Create an API key called NAME and print it (it is shown only once)."""
+    wanted = [s.strip() for s in scopes.split(",") if s.strip()]
+    unknown = sorted(set(wanted) - set(SCOPES))
+    if unknown or not wanted:
+        raise click.BadParameter(
+            f"unknown scopes {unknown}; choose from {', '.join(SCOPES)}", param_hint="--scopes"
+        )
     key = generate_key()
     with current_app.extensions["db.sessionmaker"]() as session:
         if session.scalar(select(ApiKey).where(ApiKey.name == name)) is not None:
@@ -33,7 +45,11 @@ def create_key(name: str) -> None:
         signing_secret = secrets.token_hex(32)
         session.add(
             ApiKey(
-                name=name, key_hash=hash_key(key), prefix=key[:10], signing_secret=signing_secret
+                name=name,
+                key_hash=hash_key(key),
+                prefix=key[:10],
+                signing_secret=signing_secret,
+                scopes=list(dict.fromkeys(wanted)),
             )
         )
         session.commit()
@@ -44,12 +60,13 @@ def create_key(name: str) -> None:
 
 @keys.command("list")
 def list_keys() -> None:
-    """List API keys: name, prefix, created, revoked."""
+    """List API keys: name, prefix, scopes, created, revoked."""
     with current_app.extensions["db.sessionmaker"]() as session:
         for k in session.scalars(select(ApiKey).order_by(ApiKey.id)):
             revoked = k.revoked_at.isoformat() if k.revoked_at else "-"
             click.echo(
-                f"{k.name}\t{k.prefix}…\tcreated {k.created_at.isoformat()}\trevoked {revoked}"
+                f"{k.name}\t{k.prefix}…\t{','.join(k.scopes)}\tcreated "
+                f"{k.created_at.isoformat()}\trevoked {revoked}"
             )
 
 

@@ -328,8 +328,11 @@ def init_app(app: Any) -> None:
 def _authorize(user_id: str) -> tuple[int, str] | None:
     """None when the request may open a socket for `user_id`, else (close code, reason)."""
     if request.headers.get("x-api-key"):
-        if authenticate_api_key() is None:
+        caller = authenticate_api_key()
+        if caller is None:
             return CLOSE_UNAUTHORIZED, "invalid API key"
+        if "read" not in caller.scopes:
+            return CLOSE_FORBIDDEN, "this API key lacks the 'read' scope"
         return None
     token = request.args.get("token") or bearer_token()
     try:

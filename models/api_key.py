@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import String, text
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, utcnow
@@ -23,3 +24,8 @@ class ApiKey(Base):
     # Signs the webhooks of this key's notifications (X-Signature); receivers hold a copy,
     # so it is kept as is, unlike the key.
     signing_secret: Mapped[str | None] = mapped_column(String(64))
+    # What the key may do: send (notifications), read (status, inboxes, users), admin
+    # (templates, preferences, dead letters, tokens). Keys made before scopes have all three.
+    scopes: Mapped[list[str]] = mapped_column(
+        ARRAY(String(20)), server_default=text("'{send,read,admin}'")
+    )

@@ -34,7 +34,7 @@ def _redrive(ids: list[int]) -> list[dead_letters.Redrive]:
 
 
 @bp.get("/dlq")
-@require_api_key
+@require_api_key("admin")
 def list_dead_letters() -> Response:
     args = dead_letter_query.load(request.args.to_dict())
     q = dead_letters.filtered(args).order_by(DeadLetter.id.desc()).limit(args["limit"])
@@ -51,13 +51,13 @@ def list_dead_letters() -> Response:
 
 
 @bp.get("/dlq/<letter_id>")
-@require_api_key
+@require_api_key("admin")
 def get_dead_letter(letter_id: str) -> Response:
     return jsonify(dead_letters.as_json(_letter(letter_id), full=True))
 
 
 @bp.post("/dlq/<letter_id>/redrive")
-@require_api_key
+@require_api_key("admin")
 def redrive_one(letter_id: str) -> Response:
     [result] = _redrive([_letter(letter_id).id])
     if not result.redriven:
@@ -66,7 +66,7 @@ def redrive_one(letter_id: str) -> Response:
 
 
 @bp.post("/dlq/redrive")
-@require_api_key
+@require_api_key("admin")
 def redrive_many() -> Response:
     body = request.get_json(silent=True)
     if body is None and not request.get_data():

@@ -76,7 +76,7 @@ def _check_backpressure() -> None:
 
 
 @bp.post("/notifications")
-@require_api_key
+@require_api_key("send")
 def create_notification() -> tuple[Response, int] | Response:
     body = _json_body()
     data = notification_in.load(body) if isinstance(body, dict) else _not_an_object(body)
@@ -87,7 +87,7 @@ def create_notification() -> tuple[Response, int] | Response:
 
 
 @bp.post("/notifications/batch")
-@require_api_key
+@require_api_key("send")
 def create_notifications() -> tuple[Response, int] | Response:
     """Several notifications in one request, accepted all together or not at all.
 
@@ -199,9 +199,19 @@ def _render(data: dict[str, Any]) -> dict[str, Any]:
             422, "validation_error", f"No template {data['template']!r}.",
             {"template": ["Unknown template; create it with PUT /templates/{key}."]},
         )  # fmt: skip
+    if g.get("template_render_timed_out"):
+        # A batch of 500 notifications that each run to the deadline would hold this
+        # process (and every socket it serves) for 500 deadlines.
+        raise ApiError(
+            422, "validation_error", "Not rendered: an earlier one in this request timed out.",
+            {"template": ["Not rendered: an earlier notification in this request timed out."]},
+        )  # fmt: skip
+    seconds = current_app.config["NOTIFIER"].TEMPLATE_RENDER_SECONDS
     try:
-        rendered = rendering.render_all(template.locales, data.get("params") or {})
+        rendered = rendering.render_all(template.locales, data.get("params") or {}, seconds)
     except rendering.RenderError as exc:
+        if exc.timed_out:
+            g.template_render_timed_out = True
         raise ApiError(422, "validation_error", exc.message, {exc.field: [exc.message]}) from None
     return template_store.renditions(template, rendered)
 
@@ -222,7 +232,7 @@ def _not_an_object(body: Any) -> dict[str, Any]:
 
 
 @bp.get("/notifications/<notification_id>")
-@require_api_key
+@require_api_key("read")
 def get_notification(notification_id: str) -> Response:
     """The notification, its status, and a page of its recipients' delivery states."""
     try:

@@ -9,6 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import delete, literal_column, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from app import rendering
 from app.auth import require_api_key
 from app.db import get_session
 from app.errors import ApiError
@@ -50,7 +51,7 @@ def _not_found(key: str) -> ApiError:
 
 
 @bp.put("/templates/<key>")
-@require_api_key
+@require_api_key("admin")
 def put_template(key: str) -> tuple[Response, int]:
     _check_key(key)
     body = request.get_json(silent=True)
@@ -59,6 +60,15 @@ def put_template(key: str) -> tuple[Response, int]:
             400, "invalid_json", "Send a JSON object.", {"body": ["Expected an object."]}
         )
     data = template_in.load(body)
+    try:
+        # What breaks a limit with no parameters breaks it for every notification.
+        rendering.check_limits(
+            data["locales"], current_app.config["NOTIFIER"].TEMPLATE_RENDER_SECONDS
+        )
+    except rendering.RenderError as exc:
+        raise ApiError(
+            422, "validation_error", f"{exc.field}: {exc.message}", {exc.field: [exc.message]}
+        ) from None
     now = utcnow()
     session = get_session()
     row = session.execute(
@@ -73,7 +83,7 @@ def put_template(key: str) -> tuple[Response, int]:
 
 
 @bp.get("/templates")
-@require_api_key
+@require_api_key("admin")
 def list_templates() -> Response:
     """By key; page on with ?after=<next_after>."""
     raw = request.args.get("limit", "100")
@@ -95,7 +105,7 @@ def list_templates() -> Response:
 
 
 @bp.get("/templates/<key>")
-@require_api_key
+@require_api_key("admin")
 def get_template(key: str) -> Response:
     t = get_session().get(Template, key)
     if t is None:
@@ -104,7 +114,7 @@ def get_template(key: str) -> Response:
 
 
 @bp.delete("/templates/<key>")
-@require_api_key
+@require_api_key("admin")
 def delete_template(key: str) -> Response:
     """Notifications already accepted keep their rendering; new ones naming it get a 422."""
     session = get_session()

@@ -22,7 +22,7 @@ token_in = TokenIn()
 
 
 @bp.post("/auth/token")
-@require_api_key
+@require_api_key("admin")
 def create_token() -> tuple[Response, int]:
     cfg = current_app.config["NOTIFIER"]
     body = request.get_json(silent=True)

@@ -45,7 +45,7 @@ def _check_id(user_id: str) -> None:
 
 
 @bp.put("/users/<user_id>")
-@require_api_key
+@require_api_key("admin")
 def put_user(user_id: str) -> tuple[Response, int]:
     _check_id(user_id)
     body = request.get_json(silent=True)
