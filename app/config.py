@@ -202,6 +202,11 @@ class Config:
     TEMPLATE_CACHE_SECONDS: float = setting(
         2.0, "How long an API process reuses a template it read (PUTs elsewhere show after it)."
     )
+    TEMPLATE_RENDER_SECONDS: float = setting(
+        0.05,
+        "Wall time one notification's template rendering (every locale and part) may take; "
+        "a template or parameters that need longer get a 422.",
+    )
     CRITICAL_CATEGORIES: str = setting(
         "security",
         "Comma-separated categories whose `priority: high` notifications ignore users' mutes "

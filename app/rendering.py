@@ -31,7 +31,8 @@ import string
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
-from functools import wraps
+from functools import lru_cache, wraps
+from itertools import islice
 from types import BuiltinMethodType, MethodType
 from typing import Any
 
@@ -43,7 +44,9 @@ from jinja2 import (
     UndefinedError,
     nodes,
     pass_context,
+    pass_eval_context,
 )
+from jinja2.nodes import EvalContext
 from jinja2.runtime import Context, markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from jinja2.utils import Namespace, generate_lorem_ipsum
@@ -59,6 +62,9 @@ MAX_CHARS = {"title": 1_000, "body": 20_000, "email_subject": 1_000, "email_html
 MAX_RANGE = 1_000  # Jinja2's sandbox allows 100,000; nested loops multiply it
 MAX_INT_BITS = 1_024  # past what a float holds: no number worth showing a user is larger
 RENDER_SECONDS = 0.05  # the default of TEMPLATE_RENDER_SECONDS
+# Nodes nested in one template. Ordinary ones nest under 20; Jinja2's compiler slows with
+# about the cube of the depth (300 filters in a row take it 15 s, then Python refuses).
+MAX_DEPTH = 64
 
 
 class RenderError(ValueError):
@@ -151,12 +157,21 @@ def _width(digits: str | None) -> int:
     return int(digits) if len(digits) < 10 else 10**10
 
 
+@lru_cache(maxsize=256)
+def _printf_specs(fmt: str) -> tuple[int, int, bool]:
+    """How many fields `fmt` has, their widths and precisions added up, and whether one
+    takes its width from the arguments (`*`)."""
+    specs = [m for m in _PRINTF.finditer(fmt) if m.group(3) != "%"]
+    widths = sum(_width(m.group(1)) + _width(m.group(2)) for m in specs if "*" not in m.group())
+    return len(specs), widths, any("*" in (m.group(1) or "", m.group(2) or "") for m in specs)
+
+
 def _check_printf(budget: _Budget, fmt: str, args: Any) -> None:
     """`fmt % args` (and the `format` filter) may build what it prints, and no more."""
-    specs = [m for m in _PRINTF.finditer(fmt) if m.group(3) != "%"]
-    if not specs:
+    fields, widths, starred = _printf_specs(fmt)
+    if not fields:
         return
-    if any("*" in (m.group(1) or "", m.group(2) or "") for m in specs):
+    if starred:
         raise _Limit("'*' widths are not supported in templates")
     if isinstance(args, Mapping):
         values = list(args.values())
@@ -164,9 +179,8 @@ def _check_printf(budget: _Budget, fmt: str, args: Any) -> None:
         values = list(args)
     else:
         values = [args]
-    widths = sum(_width(m.group(1)) + _width(m.group(2)) for m in specs)
     largest = max((_size(v, budget.cap) for v in values), default=0)
-    budget.fits(len(fmt) + widths + len(specs) * largest, "a formatted string")
+    budget.fits(len(fmt) + widths + fields * largest, "a formatted string")
 
 
 def _check_format(budget: _Budget, fmt: str, args: tuple, kwargs: dict, mapping: bool) -> None:
@@ -385,27 +399,61 @@ def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str
 
 def _printable(value: Any) -> Any:
     """finalize: a list or dict printed with {{ }} is measured before it becomes text."""
-    if not isinstance(value, str):
+    if not isinstance(value, (str, int, float)) and value is not None:
         budget = _budget.get()
         budget.fits(_size(value, budget.cap), "a printed value")
     return value
 
 
+@pass_context  # never folded into a constant when compiling: it is a generator
+def _guard_loop(context: Context, iterable: Iterable[Any]) -> Iterator[Any]:
+    """Every loop iterates through this: the deadline is checked at each item."""
+    budget = _budget.get()
+    for item in iterable:
+        budget.tick()
+        yield item
+
+
+@pass_eval_context
+def _join_checked(eval_ctx: EvalContext, parts: list[Any]) -> str:
+    """`a ~ b`, measured before it is joined."""
+    budget = _budget.get()
+    size = sum(len(p) if isinstance(p, str) else _size(p, budget.cap) for p in parts)
+    budget.fits(size, "a joined string")
+    joined = (markup_join if eval_ctx.autoescape else str_join)(parts)
+    budget.fits(len(joined), "a joined string")  # escaping may have grown it
+    return joined
+
+
+# Filters no template can name (a filter name in a template is an identifier): the code
+# Jinja2 generates calls a filter directly, where a global would go through `call`.
+_LOOP, _JOIN = "(loop)", "(~)"
+
+
+def _depth(tree: nodes.Node) -> int:
+    deepest, stack = 0, [(tree, 1)]
+    while stack:  # not recursive: the tree may be deeper than Python recurses
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node.iter_child_nodes())
+    return deepest
+
+
 class _Hooks(NodeTransformer):
-    """Route every loop's iterable and every `~` through the environment's checks."""
+    """Route every loop's iterable and every `~` through the checks above."""
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
         self.generic_visit(node)
-        node.iter = _call("guard_loop", [node.iter], node.iter.lineno)
+        node.iter = _filter(_LOOP, node.iter)
         return node
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
         self.generic_visit(node)
-        return _call("join_checked", [nodes.List(node.nodes)], node.lineno)
+        return _filter(_JOIN, nodes.List(node.nodes, lineno=node.lineno))
 
 
-def _call(method: str, args: list[nodes.Expr], lineno: int) -> nodes.Call:
-    return nodes.Call(nodes.EnvironmentAttribute(method), args, [], None, None, lineno=lineno)
+def _filter(name: str, node: nodes.Expr) -> nodes.Filter:
+    return nodes.Filter(node, name, [], [], None, None, lineno=node.lineno)
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
@@ -416,9 +464,14 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         self.globals["range"] = _range
         self.globals["lipsum"] = _lipsum
         self.filters = {name: _guard_filter(name, f) for name, f in self.filters.items()}
+        self.filters[_LOOP] = _guard_loop
+        self.filters[_JOIN] = _join_checked
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
-        tree = _Hooks().visit(super()._parse(source, name, filename))
+        tree = super()._parse(source, name, filename)
+        if _depth(tree) > MAX_DEPTH:
+            raise TemplateSyntaxError(f"nests more than {MAX_DEPTH} levels deep", 1, name, filename)
+        tree = _Hooks().visit(tree)
         tree.set_environment(self)
         return tree
 
@@ -482,34 +535,21 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             budget.fits(len(result), "a string")
         return result
 
-    def guard_loop(self, iterable: Iterable[Any]) -> Iterator[Any]:
-        """Every loop iterates through this: the deadline is checked at each item."""
-        budget = _budget.get()
-        for item in iterable:
-            budget.tick()
-            yield item
-
-    @pass_context
-    def join_checked(self, context: Context, parts: list[Any]) -> str:
-        """`a ~ b`: measured before it is joined."""
-        budget = _budget.get()
-        budget.fits(sum(_size(p, budget.cap) for p in parts), "a joined string")
-        joined = (markup_join if context.eval_ctx.autoescape else str_join)(parts)
-        budget.fits(len(joined), "a joined string")
-        return joined
-
     def concat(self, chunks: Iterable[str]) -> str:  # type: ignore[override]
         """The output, and every buffer (macros, {% set %} blocks), counted as it grows."""
         budget = _budget.get()
         if isinstance(chunks, list):
             budget.fits(sum(map(len, chunks)), "the output")
             return "".join(chunks)
-        out, size = [], 0
-        for chunk in chunks:
-            size += len(chunk)
+        # The template's own generator: read in batches, so a loop printing the same long
+        # value a million times stops at the cap and not at the end.
+        out: list[str] = []
+        size, it = 0, iter(chunks)
+        while batch := list(islice(it, 64)):
+            size += sum(map(len, batch))
             if size > budget.cap:
                 raise _Limit(f"the output would be over {budget.cap:,} characters")
-            out.append(chunk)
+            out += batch
         return "".join(out)
 
 
@@ -528,6 +568,10 @@ def check_source(part: str, source: str) -> str | None:
         tree = env.parse(source)
     except TemplateSyntaxError as exc:
         return f"Template syntax error on line {exc.lineno}: {exc.message}"
+    except RecursionError:  # {{ ((((...)))) }} thousands deep: the parser recurses
+        return "The template nests expressions too deeply."
+    except ValueError:  # Python reads no int literal of more than 4,300 digits
+        return "A number in the template has too many digits."
     for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
         if isinstance(node, nodes.Getattr):
             name = node.attr
@@ -542,11 +586,24 @@ def check_source(part: str, source: str) -> str | None:
     return None
 
 
-def variables(part: str, source: str) -> set[str]:
+_variables: dict[tuple[str, str], frozenset[str]] = {}
+
+
+def variables(part: str, source: str) -> frozenset[str]:
     """The parameter names a part uses."""
     from jinja2 import meta
 
-    return set(meta.find_undeclared_variables(_env(part).parse(source)))
+    key = (part, source)
+    found = _variables.get(key)
+    if found is None:
+        if len(_variables) > 2048:  # as _compiled below
+            _variables.clear()
+        try:
+            found = frozenset(meta.find_undeclared_variables(_env(part).parse(source)))
+        except (TemplateSyntaxError, RecursionError, SyntaxError, ValueError):
+            found = frozenset()  # it does not compile either, and compiling it says why
+        _variables[key] = found
+    return found
 
 
 _compiled: dict[tuple[str, str], Any] = {}
@@ -562,13 +619,20 @@ def _compile(part: str, source: str) -> Any:
     return found
 
 
-def _compile_outside(budget: _Budget, part: str, source: str) -> Any:
-    """Compile with the default limits and off the clock: a cold cache must not make the
-    same template time out, nor fold constants with one part's cap for another."""
+def _compile_part(budget: _Budget, part: str, source: str, field: str) -> Any:
+    """The compiled part, or RenderError on `field` if it cannot be compiled.
+
+    Compiled with the default limits and off the clock: a cold cache must not make a
+    template time out, nor fold its constants with one part's cap for another.
+    """
     started = time.monotonic()
     token = _budget.set(_UNBOUNDED)
     try:
         return _compile(part, source)
+    except TemplateSyntaxError as exc:  # found only when compiling: an unknown filter or test
+        raise RenderError(field, f"Template error on line {exc.lineno}: {exc.message}") from None
+    except (RecursionError, SyntaxError):  # e.g. {{ x|e|e|e... }} past Python's nesting limit
+        raise RenderError(field, "The template nests too deeply to compile.") from None
     finally:
         _budget.reset(token)
         budget.deadline += time.monotonic() - started
@@ -577,9 +641,9 @@ def _compile_outside(budget: _Budget, part: str, source: str) -> Any:
 def _render_part(
     budget: _Budget, tag: str, part: str, source: str, params: Mapping[str, Any]
 ) -> str:
+    template = _compile_part(budget, part, source, "template")
+    budget.cap = MAX_CHARS[part]
     try:
-        template = _compile_outside(budget, part, source)
-        budget.cap = MAX_CHARS[part]
         return template.render(**params)
     except _Limit as exc:
         # A template that breaks a limit on its own is refused when saved; one that still
@@ -668,15 +732,13 @@ def _try_part(budget: _Budget, tag: str, part: str, source: str) -> None:
     # operation that needs a real value stops the trial, and the notification's own
     # parameters decide at ingest.
     empty = {name: ChainableUndefined(name=name) for name in variables(part, source)}
+    template = _compile_part(budget, part, source, where)
+    budget.cap = MAX_CHARS[part]
     try:
-        template = _compile_outside(budget, part, source)
-        budget.cap = MAX_CHARS[part]
         template.render(**empty)
     except _Limit as exc:
         raise RenderError(where, f"{exc}.", timed_out=exc.timed_out) from None
     except RecursionError:
         raise RenderError(where, "Macros or loops nest too deeply.") from None
-    except TemplateSyntaxError as exc:  # found when compiling: an unknown filter or test
-        raise RenderError(where, f"Template error on line {exc.lineno}: {exc.message}") from None
     except Exception:  # anything else depends on the parameters: decided at ingest
         pass
