@@ -41,6 +41,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         cfg.STREAM_KEY,
         cfg.INGEST_BATCH_MAX,
         timedelta(seconds=cfg.IDEMPOTENCY_TTL_SECONDS),
+        max_wait=cfg.RECONCILE_GRACE_SECONDS / 2,
     )
     app.extensions["templates"] = TemplateStore(
         app.extensions["db.engine"], cfg.TEMPLATE_CACHE_SECONDS

@@ -94,6 +94,8 @@ def redrive(engine: Engine, client: redis.Redis, stream_key: str, ids: list[int]
                 pushes.append(d.delivery_id)  # the copy is still in the offline queue
             elif d.notification_id is not None and (n := db.get(Notification, d.notification_id)):
                 streamed.append(entry_fields(_row(n)))
+                # So the reconciler checks it again once the stream is past it.
+                n.streamed_at = now
             else:
                 results.append(Redrive(d.id, False, "undecodable entry: nothing to send again"))
                 continue

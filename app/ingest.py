@@ -14,10 +14,13 @@ Batching is what makes the throughput: one commit per notification tops out near
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import threading
+import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,6 +38,13 @@ from models.base import utcnow
 log = logging.getLogger(__name__)
 
 _STOP = object()
+# After a failed XADD the writer leaves the stream alone this long: each try against an
+# unreachable Redis costs a connect timeout, and requests queue behind it.
+XADD_PAUSE_SECONDS = 1.0
+
+
+class TooLate(Exception):
+    """The request waited longer than the reconciler's grace for its commit."""
 
 
 @dataclass(frozen=True)
@@ -78,12 +88,18 @@ class IngestWriter:
         stream_key: str,
         batch_max: int,
         idempotency_ttl: timedelta,
+        max_wait: float = float("inf"),
     ) -> None:
         self._engine = engine
         self._redis = client
         self._stream_key = stream_key
         self._batch_max = batch_max
         self._idempotency_ttl = idempotency_ttl
+        # The reconciler reads new notifications by their ids' time, a grace behind the
+        # stream; a row committed later than that could fall behind its mark unseen. So a
+        # request that has waited max_wait (half the grace) is refused, never committed.
+        self._max_wait = max_wait
+        self._xadd_paused_until = 0.0
         self._queue: queue.Queue[_Pending] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -154,6 +170,14 @@ class IngestWriter:
                         pending.done.set()
 
     def _write(self, batch: list[_Pending]) -> None:
+        now = time.time()
+        late = [p for p in batch if now - _id_time(p.rows[0]["id"]) > self._max_wait]
+        for pending in late:
+            pending.error = TooLate(f"waited over {self._max_wait:g}s to be recorded")
+            pending.done.set()
+        batch = [p for p in batch if not p.done.is_set()]
+        if not batch:
+            return
         try:
             fresh = self._commit(batch)
         except Exception:
@@ -288,8 +312,14 @@ class IngestWriter:
         rows = [r for p in fresh for r in p.rows]
         accepted = len(rows)
         rows = [r for r in rows if not (r.get("send_at") and r.get("streamed_at") is None)]
+        if rows and time.monotonic() < self._xadd_paused_until:
+            log.warning("Redis failed a moment ago; %d notifications left to the reconciler",
+                        len(rows))  # fmt: skip
+            return
         if not rows:
-            if accepted:
+            # Every row waits for its send_at. The rows are committed: a Redis error here
+            # must not turn their 202 into a 503.
+            with contextlib.suppress(redis.RedisError):
                 metrics.count(self._redis, "notifications_accepted", n=accepted)
             return
         try:
@@ -300,6 +330,7 @@ class IngestWriter:
             results = pipe.execute(raise_on_error=False)[: len(rows)]
         except redis.RedisError:
             log.warning("XADD of %d notifications failed; the reconciler will retry", len(rows))
+            self._xadd_paused_until = time.monotonic() + XADD_PAUSE_SECONDS
             return
         for row, result in zip(rows, results, strict=True):
             if isinstance(result, Exception):
@@ -313,3 +344,8 @@ class IngestWriter:
                         "recipients": len(row.get("recipients") or ()),
                     },
                 )
+
+
+def _id_time(notification_id: uuid.UUID) -> float:
+    """When a UUIDv7 was made (its first 48 bits are Unix milliseconds)."""
+    return (notification_id.int >> 80) / 1000

@@ -31,6 +31,16 @@ WORKER_PREFIX = "notifications:worker:"
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
+# A worker lets go of a try it held: if it still holds it when the task has ended (the task
+# failed, or found the try running elsewhere), the sweeper takes it over when it is due.
+RELEASE_HELD = """
+if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('hset', KEYS[1], ARGV[1], ARGV[3])
+end
+return 0
+"""
+
+
 def retry_member(task: str, args: list[Any]) -> str:
     """A try's member in RETRY_ZSET (and key in RETRY_HELD)."""
     return orjson.dumps({"task": task, "args": args}).decode()

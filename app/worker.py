@@ -11,6 +11,7 @@ from celery import Celery, Task
 from celery.signals import (
     beat_init,
     setup_logging,
+    task_postrun,
     task_received,
     worker_process_init,
     worker_ready,
@@ -82,6 +83,24 @@ def init_app(app: Flask) -> Celery:
             log.warning("could not record that this worker holds a try", exc_info=True)
 
     task_received.connect(_received, weak=False, dispatch_uid="notifier-retry-held")
+
+    def _released(task: Any = None, args: Any = None, **_: Any) -> None:
+        # A try that ran to its end called done(), which dropped the entry; one that failed
+        # (PostgreSQL away mid-try) or found the try running elsewhere did not, and a live
+        # holder would keep the sweeper off it for good.
+        name = getattr(task, "name", "")
+        if not routing.is_mirrored(name, list(args or ())):
+            return
+        try:
+            app.extensions["redis"].eval(
+                routing.RELEASE_HELD, 1, routing.RETRY_HELD,
+                routing.retry_member(name, list(args)), routing.WORKER_ID,
+                routing.LEFT_TO_SWEEPER,
+            )  # fmt: skip
+        except Exception:
+            log.warning("could not hand a try back to the sweeper", exc_info=True)
+
+    task_postrun.connect(_released, weak=False, dispatch_uid="notifier-retry-released")
     # A prefork child or beat: set up, so its set-up objects are frozen.
     for signal in (worker_process_init, beat_init):
         signal.connect(_freeze, weak=False, dispatch_uid=f"notifier-freeze-{signal.name}")

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 MARK_NEW = "notifications"
 MARK_RESTREAMED = "restreamed"
 MARK_WEBSOCKET = "websocket"
+MARK_EXTERNAL = "external"
 # Batches one run reads per pass at most; a run after a long outage catches up over several.
 MAX_ROUNDS = 10
 # Oldest messages looked at per lane to tell which deliveries may still be queued.
@@ -66,7 +67,7 @@ _MISSING = (
     "AND (SELECT count(*) FROM deliveries d WHERE d.notification_id = n.id) "
     "< cardinality(n.recipients) * cardinality(n.channels) "
     "AND NOT EXISTS (SELECT 1 FROM dead_letters dl "
-    "WHERE dl.notification_id = n.id AND dl.source = 'stream')"
+    "WHERE dl.notification_id = n.id AND dl.source = 'stream' AND dl.redriven_at IS NULL)"
 )
 _SCAN_NEW = text(
     "WITH scan AS ("
@@ -374,17 +375,22 @@ def remirror_in_flight(engine: Engine, client: redis.Redis, cfg: Config) -> int:
 
     A delivery whose member is missing is read again before its member is put back: a try
     that ran between the first read and the ZSET lookup has moved on to the next one,
-    whose member is there, and must not get a stale copy of the one before.
+    whose member is there, and must not get a stale copy of the one before. A run reads at
+    most MAX_ROUNDS batches and the next goes on from there (the mark wraps around at the
+    end), so many deliveries in flight are all checked, over several runs.
     """
     now = utcnow()
     grace = cfg.RECONCILE_GRACE_SECONDS
-    after, restored = 0, 0
+    with engine.connect() as conn:
+        after = int(_mark(conn, MARK_EXTERNAL) or 0)
+    restored = 0
     for _ in range(MAX_ROUNDS):
         with engine.connect() as conn:
             rows = conn.execute(
                 _SCAN_EXTERNAL, {"after": after, "ids": None, "limit": cfg.RECONCILE_BATCH}
             ).all()
         if not rows:
+            after = 0  # the end: the next run starts over
             break
         tries = _expected_tries(rows, grace, now)
         missing = _unmirrored(client, tries) if tries else set()
@@ -404,7 +410,10 @@ def remirror_in_flight(engine: Engine, client: redis.Redis, cfg: Config) -> int:
             pipe.execute()
         after = rows[-1].id
         if len(rows) < cfg.RECONCILE_BATCH:
+            after = 0
             break
+    with engine.begin() as conn:
+        _set_mark(conn, MARK_EXTERNAL, str(after))
     if restored:
         log.warning("reconciler put back %d lost webhook/email tries", restored)
         metrics.count(client, "reconciled", "remirrored", n=restored)

@@ -101,7 +101,12 @@ def schedule(
     pipe.zadd(RETRY_ZSET, {key: time.time() + delay})
     pipe.hset(RETRY_HELD, key, QUEUED)
     pipe.execute()
-    send(task, args, delay)
+    try:
+        send(task, args, delay)
+    except Exception:
+        # Not published after all: nobody holds it but the sweeper.
+        client.hset(RETRY_HELD, key, LEFT_TO_SWEEPER)
+        raise
 
 
 def done(client: redis.Redis, task: str, args: list[Any]) -> None:
@@ -140,7 +145,12 @@ def sweep(client: redis.Redis, grace: float, rearm: float, send: Send = celery_s
                 continue  # finished meanwhile: gone from the range
             client.hset(RETRY_HELD, raw, QUEUED)
             spec = orjson.loads(raw)
-            send(spec["task"], spec["args"], 0)
+            try:
+                send(spec["task"], spec["args"], 0)
+            except Exception:
+                log.warning("could not enqueue %s; the next sweep tries again", raw, exc_info=True)
+                client.hset(RETRY_HELD, raw, LEFT_TO_SWEEPER)
+                continue
             enqueued += 1
             lost += holder != LEFT_TO_SWEEPER
         if len(overdue) < SWEEP_BATCH:

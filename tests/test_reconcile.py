@@ -12,6 +12,8 @@ import pytest
 from sqlalchemy import text
 
 from app import presence
+from app.ids import uuid7
+from app.ingest import IngestUnavailable, IngestWriter
 from app.routing import CHANNEL_TASK, RETRY_HELD, RETRY_ZSET, WEBSOCKET_TASK, retry_member
 from tasks import reconcile
 from tasks.outbox import stream_due
@@ -367,3 +369,49 @@ def test_a_try_that_ran_meanwhile_does_not_get_a_stale_member_back(
 
     assert reconcile.remirror_in_flight(pg, rdb, cfg) == 0
     assert rdb.zrange(RETRY_ZSET, 0, -1) == [retry_member(CHANNEL_TASK, [webhook_delivery, 2, url])]
+
+
+def test_a_redriven_stream_dead_letter_lost_again_is_streamed_again(client, auth, pg, rdb, cfg):
+    nid = _post(client, auth)
+    with pg.begin() as conn:
+        conn.execute(
+            text("INSERT INTO dead_letters (source, notification_id, payload, error, attempts, "
+                 "redriven_at) VALUES ('stream', :n, '{}', 'poison', 5, now())"),
+            {"n": nid},
+        )  # fmt: skip
+    rdb.flushdb()
+
+    assert reconcile.restream_lost(pg, rdb, cfg) == 1
+
+
+def test_a_request_that_waited_past_half_the_grace_is_refused_not_recorded(pg, rdb):
+    writer = IngestWriter(pg, rdb, STREAM, 500, timedelta(hours=1), max_wait=5)
+    stale = uuid7(int((time.time() - 10) * 1000))
+    row = {"id": stale, "status": "queued", "recipients": ["u1"], "title": "t", "body": "b",
+           "priority": "normal", "channels": ["websocket"]}  # fmt: skip
+    try:
+        with pytest.raises(IngestUnavailable):
+            writer.submit(row, {"id": str(stale)}, None)
+    finally:
+        writer.close()
+
+    assert count_rows(pg, "notifications") == 0
+    assert not rdb.exists(STREAM)
+
+
+def test_many_tries_in_flight_are_all_checked_over_several_runs(
+    client, auth, pg, rdb, make_app, monkeypatch
+):
+    cfg = make_app(RECONCILE_GRACE_SECONDS=0, RECONCILE_BATCH=2).config["NOTIFIER"]
+    monkeypatch.setattr(reconcile, "MAX_ROUNDS", 1)
+    _post(client, auth, user_ids=[f"w{i}" for i in range(5)], channels=["webhook"],
+          webhook_url="http://127.0.0.1:9/hook")  # fmt: skip
+    _record(pg, rdb)
+    with pg.begin() as conn:
+        conn.execute(text("UPDATE deliveries SET created_at = now() - interval '60 seconds'"))
+    rdb.flushdb()
+
+    restored = [reconcile.remirror_in_flight(pg, rdb, cfg) for _ in range(4)]
+
+    assert restored[:3] == [2, 2, 1]  # two a run, then the last one, then it starts over
+    assert rdb.zcard(RETRY_ZSET) == 5

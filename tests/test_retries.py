@@ -12,7 +12,13 @@ from email.utils import format_datetime
 import pytest
 from sqlalchemy import text
 
-from app.routing import RETRY_HELD, RETRY_ZSET, WORKER_PREFIX
+from app.routing import (
+    LEFT_TO_SWEEPER,
+    RELEASE_HELD,
+    RETRY_HELD,
+    RETRY_ZSET,
+    WORKER_PREFIX,
+)
 from tasks import circuit, retries
 from tasks.channels import TASK, Attempts
 from tasks.outcome import Outcome
@@ -320,3 +326,40 @@ def test_sweeper_sends_tries_left_to_it_and_counts_them_apart_from_lost_ones(rdb
     assert retries.sweep(rdb, grace=1, rearm=30, send=sent) == 2
     counters = rdb.hgetall("notifications:metrics")
     assert (counters["retries_swept:due"], counters["retries_swept:lost"]) == ("1", "1")
+
+
+def _failing_send(*_args) -> None:
+    raise ConnectionError("broker away")
+
+
+def test_a_try_whose_publish_fails_is_left_to_the_sweeper(rdb):
+    with pytest.raises(ConnectionError):
+        retries.schedule(rdb, "t", [9, 1], delay=-10, send=_failing_send)
+
+    assert rdb.hget(RETRY_HELD, retries.member("t", [9, 1])) == "sweeper"
+    sent = Sent()
+    assert retries.sweep(rdb, grace=1, rearm=30, send=sent) == 1
+
+
+def test_a_sweep_whose_publish_fails_goes_on_and_tries_again_next_time(rdb):
+    rdb.zadd(RETRY_ZSET, {retries.member("t", [1, 1]): 0, retries.member("t", [2, 1]): 1})
+    calls: list = []
+
+    def first_fails(task, args, countdown):
+        calls.append(args)
+        if len(calls) == 1:
+            raise ConnectionError("broker away")
+
+    assert retries.sweep(rdb, grace=1, rearm=30, send=first_fails) == 1
+    assert rdb.hget(RETRY_HELD, retries.member("t", [1, 1])) == "sweeper"
+
+
+def test_a_worker_lets_go_only_of_the_tries_it_still_holds(rdb):
+    mine, theirs = retries.member("t", [1, 1]), retries.member("t", [2, 1])
+    rdb.hset(RETRY_HELD, mapping={mine: "w1", theirs: "w2"})
+
+    for key in (mine, theirs):
+        rdb.eval(RELEASE_HELD, 1, RETRY_HELD, key, "w1", LEFT_TO_SWEEPER)
+
+    assert rdb.hget(RETRY_HELD, mine) == "sweeper"
+    assert rdb.hget(RETRY_HELD, theirs) == "w2"
