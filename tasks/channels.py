@@ -214,12 +214,16 @@ class Attempts:
         gets no requests, and its deliveries still end in dead letters after their last
         try instead of waiting for it forever."""
         when = datetime.fromtimestamp(until, UTC).isoformat(timespec="seconds")
+        # The hold goes in as the receiver's Retry-After would: the next try's due time in
+        # PostgreSQL is then the hold's, which the reconciler goes by after a Redis loss.
+        hold = self.hold_delay(until)
         result = self._finish(
-            job, Outcome.retry(f"not sent: this webhook URL's circuit is open until {when}")
+            job,
+            Outcome.retry(f"not sent: this webhook URL's circuit is open until {when}", hold),
         )
         if result.next_attempt is not None:
             result.state = "held"
-            result.delay = max(result.delay or 0.0, self.hold_delay(until))
+            result.delay = max(result.delay or 0.0, hold)
         return result
 
     def _trip(self, job: Job, outcome: Outcome) -> float | None:

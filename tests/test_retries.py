@@ -275,11 +275,14 @@ def test_a_webhook_that_keeps_failing_opens_its_circuit_and_tries_fail_fast_unse
     due = rdb.zscore(retries.RETRY_ZSET, member) + grace  # held tries live in the ZSET only
     assert held.delay == pytest.approx(due - time.time(), abs=2)
     with pg.connect() as conn:
-        outcome, error = conn.execute(
-            text("SELECT outcome, error FROM delivery_attempts WHERE delivery_id = :d"),
+        outcome, error, waits = conn.execute(
+            text("SELECT outcome, error, extract(epoch FROM next_retry_at - finished_at) "
+                 "FROM delivery_attempts WHERE delivery_id = :d"),
             {"d": third},
-        ).one()
+        ).one()  # fmt: skip
     assert (outcome, "circuit is open" in error) == ("retry", True)
+    # PostgreSQL has the hold as the next try's due time, as the reconciler reads it.
+    assert float(waits) == pytest.approx(held.delay, abs=1)
     metrics = _metric_samples(client, auth)
     assert metrics["notifier_circuits_opened_total"] == 1
     assert metrics['notifier_deliveries_total{channel="webhook",outcome="held"}'] == 1
