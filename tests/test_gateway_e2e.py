@@ -205,3 +205,21 @@ def test_server_pings_idle_sockets(platform):
         ws.close()
     assert websocket.ABNF.OPCODE_PING in opcodes
     assert json.loads(data) == {"type": "pong"}
+
+
+def test_an_api_key_without_the_read_scope_cannot_open_a_socket(gateways, platform_settings):
+    from app import create_app, db
+
+    flask_app = create_app(platform_settings)
+    made = flask_app.test_cli_runner().invoke(
+        args=["keys", "create", f"sender-{uuid.uuid4().hex[:6]}", "--scopes", "send"]
+    )
+    flask_app.extensions["ingest.writer"].close()
+    db.dispose(flask_app.extensions["db.engine"])
+
+    code, reason = _close_code(
+        gateways[0], f"/ws/{user()}", header=[f"x-api-key: {made.stdout.strip()}"]
+    )
+
+    assert code == 4403
+    assert "read" in reason
