@@ -14,6 +14,7 @@ import redis
 from sqlalchemy import Engine, Select, func, select, update
 from sqlalchemy.orm import Session
 
+from app.routing import CHANNEL_TASK, WEBSOCKET_TASK
 from app.stream import entry_fields
 from models import Channel, DeadLetter, Delivery, DeliveryAttempt, DeliveryStatus, Notification
 from models.base import utcnow
@@ -65,8 +66,6 @@ def as_json(d: DeadLetter, full: bool = False) -> dict[str, Any]:
 def redrive(engine: Engine, client: redis.Redis, stream_key: str, ids: list[int]) -> list[Redrive]:
     """Redrive the dead letters `ids`; what needs a worker is enqueued after the commit."""
     from tasks import retries
-    from tasks.channels import TASK as CHANNEL_TASK
-    from tasks.delivery import TASK as WEBSOCKET_TASK
 
     results: list[Redrive] = []
     tries: list[tuple[int, int]] = []

@@ -6,6 +6,8 @@ import time
 
 import jwt
 
+from app.errors import has_control_character
+
 
 class InvalidToken(Exception):
     """The token is missing, malformed, expired, unsigned or signed with another key."""
@@ -32,6 +34,6 @@ def verify(secret: str, token: str | None) -> str:
     sub = claims["sub"]
     if not isinstance(sub, str) or not sub.strip():
         raise InvalidToken("'sub' must be a non-empty string")
-    if any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in sub):
+    if has_control_character(sub):
         raise InvalidToken("'sub' must not contain control characters")
     return sub

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from app import metrics, preferences
 from app.config import Config
+from app.routing import CHANNEL_TASK
 from models import (
     AttemptOutcome,
     Channel,
@@ -50,7 +51,7 @@ from tasks.webhook import post_webhook, signing_secret
 
 log = logging.getLogger(__name__)
 
-TASK = "tasks.channels.deliver"
+TASK = CHANNEL_TASK
 EXTERNAL = (Channel.WEBHOOK.value, Channel.EMAIL.value)
 
 

@@ -26,13 +26,14 @@ from sqlalchemy.exc import OperationalError
 
 from app import db, inbox, metrics, presence
 from app.config import Config
+from app.routing import WEBSOCKET_TASK
 from models import Channel, DeadLetter, Delivery, DeliveryStatus, Notification
 from tasks import retries
 from tasks.stream import LANES
 
 log = logging.getLogger(__name__)
 
-TASK = "tasks.delivery.deliver_websocket"
+TASK = WEBSOCKET_TASK
 WEBSOCKET = Channel.WEBSOCKET.value
 
 

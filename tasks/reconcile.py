@@ -46,6 +46,8 @@ from app.routing import CHANNEL_TASK, RETRY_HELD, RETRY_ZSET, WEBSOCKET_TASK, re
 from app.stream import entry_fields
 from models import Notification, ReconcilerMark
 from models.base import utcnow
+from tasks import retries
+from tasks.stream import LANES
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,6 @@ MARK_EXTERNAL = "external"
 MAX_ROUNDS = 10
 # Oldest messages looked at per lane to tell which deliveries may still be queued.
 QUEUE_PEEK = 20
-LANES = ("high", "default", "low")
 
 # A notification is missing deliveries when fewer are recorded than its recipients times
 # its channels (both deduplicated at ingest); expired, dead-lettered and scheduled-but-not-
@@ -310,7 +311,7 @@ def repush_stale(
 
 def _send_websocket(ids: list[int]) -> None:
     # The high lane: these are late already, and the default lane may be long.
-    current_app.extensions["celery"].send_task(WEBSOCKET_TASK, args=[ids], queue="high")
+    retries.celery_send(WEBSOCKET_TASK, [ids], 0, queue="high")
 
 
 def _next_try(row: Any, grace: float, now: datetime) -> tuple[int, datetime] | None:

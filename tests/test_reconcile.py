@@ -43,6 +43,16 @@ def _stream_ids(rdb) -> list[str]:
     return [fields["id"] for _, fields in rdb.xrange(STREAM)] if rdb.exists(STREAM) else []
 
 
+def _stream_dead_letter(pg, nid: str, redriven: bool) -> None:
+    with pg.begin() as conn:
+        conn.execute(
+            text("INSERT INTO dead_letters (source, notification_id, payload, error, attempts, "
+                 "redriven_at) VALUES ('stream', :n, '{}', 'poison', 5, "
+                 "CASE WHEN :r THEN now() END)"),
+            {"n": nid, "r": redriven},
+        )  # fmt: skip
+
+
 def _record(pg, rdb) -> list[int]:
     ids: list[int] = []
     process_entries(pg, list(rdb.xrange(STREAM)), lambda _, d, *__: ids.extend(d), 500)
@@ -140,12 +150,7 @@ def test_a_notification_whose_entry_was_dead_lettered_is_not_streamed_again(
     client, auth, pg, rdb, cfg
 ):
     nid = _post(client, auth)
-    with pg.begin() as conn:
-        conn.execute(
-            text("INSERT INTO dead_letters (source, notification_id, payload, error, attempts) "
-                 "VALUES ('stream', :n, '{}', 'poison', 5)"),
-            {"n": nid},
-        )  # fmt: skip
+    _stream_dead_letter(pg, nid, redriven=False)
     rdb.flushdb()
 
     assert reconcile.restream_lost(pg, rdb, cfg) == 0
@@ -373,12 +378,7 @@ def test_a_try_that_ran_meanwhile_does_not_get_a_stale_member_back(
 
 def test_a_redriven_stream_dead_letter_lost_again_is_streamed_again(client, auth, pg, rdb, cfg):
     nid = _post(client, auth)
-    with pg.begin() as conn:
-        conn.execute(
-            text("INSERT INTO dead_letters (source, notification_id, payload, error, attempts, "
-                 "redriven_at) VALUES ('stream', :n, '{}', 'poison', 5, now())"),
-            {"n": nid},
-        )  # fmt: skip
+    _stream_dead_letter(pg, nid, redriven=True)
     rdb.flushdb()
 
     assert reconcile.restream_lost(pg, rdb, cfg) == 1
